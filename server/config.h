@@ -1,0 +1,100 @@
+/* config.h — orderd's configuration: config.yaml, then ORDERD_* environment overrides,
+ * then secrets from the environment or from files.
+ *
+ * Every setting is one row of the table in config.c (yaml path, type, bounds, default,
+ * target field, secret or not); docs/configuration.md lists them. The order of
+ * precedence, lowest first: the table's default, the YAML file, the environment variable
+ * ORDERD_<SECTION>_<KEY> (srv_config_env_name computes it). Secrets (the HS256 key, the
+ * page token key) are never written in the YAML file: they come from their environment
+ * variable, else from the file the YAML names. Relative file paths, from the file or the
+ * environment, resolve against the directory of the config file.
+ */
+#ifndef ORDERD_SERVER_CONFIG_H
+#define ORDERD_SERVER_CONFIG_H
+
+#include <limits.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/log.h"
+
+/** srv_config_load flag: fail unless a JWT key (HS256 secret or RS256 public key) and the
+ *  page token secret are present, and every configured secret file can be read. The server
+ *  passes it; `orderd migrate` does not (it needs no secrets). */
+#define SRV_CONFIG_NEED_SECRETS 1u
+
+/** Shortest secret accepted in production (a warning in development). */
+#define SRV_CONFIG_MIN_SECRET_LEN 32
+
+typedef struct srv_config {
+    char path[PATH_MAX];  /* the config file, absolute; "" when loaded without one */
+    char dir[PATH_MAX];   /* its directory: where relative file paths resolve */
+    char environment[32]; /* "development" | "production" */
+
+    /* server */
+    char listen[256];
+    int workers; /* 1..256 */
+    int max_receive_message_bytes;
+    int max_send_message_bytes;
+    int max_metadata_bytes;
+    int64_t shutdown_grace_us;
+
+    /* postgres */
+    char *pg_dsn; /* heap, never NULL after a successful load ("" = libpq defaults) */
+    int64_t pg_statement_timeout_us;
+
+    /* auth */
+    unsigned char *hs256_secret; /* heap; NULL if none */
+    size_t hs256_secret_len;
+    char *rs256_public_key_pem; /* heap, the key file's contents; NULL if none */
+    char issuer[256];           /* "" = iss not checked */
+    char audience[256];         /* "" = aud not checked */
+    unsigned reflection_roles;  /* ORDER_ROLE_* bits; 0 = reflection needs no token */
+    int64_t token_ttl_us;
+
+    /* orders */
+    int32_t tax_rate_bps;             /* 0..10000 */
+    int64_t max_total_minor;          /* > 0 */
+    unsigned char *page_token_secret; /* heap; NULL if none */
+    size_t page_token_secret_len;
+
+    log_level log_level;
+
+    /* Where secrets were looked for: absolute paths, "" = not configured. Shown by
+     * srv_config_log; the secrets themselves are above. */
+    char hs256_secret_file[PATH_MAX];
+    char rs256_public_key_file[PATH_MAX];
+    char page_token_secret_file[PATH_MAX];
+} srv_config;
+
+/**
+ * Loads the configuration into *out (caller-allocated; its previous contents are
+ * ignored): defaults, then the YAML file at `path` (NULL = no file, defaults and the
+ * environment only, relative paths resolve against the working directory), then the
+ * ORDERD_* environment, then the secrets. `flags` is 0 or SRV_CONFIG_NEED_SECRETS.
+ *
+ * Returns 0 on success; the caller releases *out with srv_config_dispose. Returns -1 on
+ * failure with a one-line reason in err (file, line, setting, allowed range; never a
+ * secret's value), and *out already disposed (disposing it again is harmless).
+ * May log a warning (short secret in development, unknown ORDERD_* variable).
+ */
+int srv_config_load(const char *path, unsigned flags, srv_config *out, char *err, size_t errlen);
+
+/** Frees what *cfg owns, overwriting secrets and the DSN first, and zeroes *cfg.
+ *  Safe on a zeroed or already disposed config, and on NULL. */
+void srv_config_dispose(srv_config *cfg);
+
+/** Logs the effective settings as one JSON line at info level: secrets as "(set)" or
+ *  "(unset)", the DSN with its password masked. */
+void srv_config_log(const srv_config *cfg);
+
+/** Writes the environment variable name of a setting ("server.listen" ->
+ *  "ORDERD_SERVER_LISTEN"). Returns 0, or -1 if it does not fit in cap bytes. */
+int srv_config_env_name(const char *yaml_path, char *out, size_t cap);
+
+/** Copies a libpq connection string (key=value or URI form) with any password replaced
+ *  by "****", for logs. A string it cannot parse becomes "(hidden)". Always
+ *  NUL-terminates when cap > 0; truncates to cap. */
+void srv_config_mask_dsn(const char *dsn, char *out, size_t cap);
+
+#endif

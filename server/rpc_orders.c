@@ -1,0 +1,375 @@
+/* rpc_orders.c — orders.v1.OrderService handlers: protobuf <-> domain.
+ *
+ * Each handler decodes its request (protobuf-c), maps it to a domain command, calls the
+ * use case on the worker's order_service, and packs the answer. Protobuf-c types never
+ * leave this file and the server's other files; the domain never sees them.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "orders/v1/orders.pb-c.h"
+#include "server/internal.h"
+#include "server/pagetoken.h"
+
+/* ---- domain -> protobuf ---- */
+
+static void ts_from_us(Google__Protobuf__Timestamp *ts, int64_t us)
+{
+    google__protobuf__timestamp__init(ts);
+    int64_t s = us / 1000000, rem = us % 1000000;
+    if (rem < 0) {
+        rem += 1000000;
+        s -= 1;
+    }
+    ts->seconds = s;
+    ts->nanos = (int32_t)(rem * 1000);
+}
+
+/* A protobuf view of an order: points into the order_t, which must outlive it. */
+typedef struct pb_order {
+    Orders__V1__Order msg;
+    Orders__V1__Payment pay;
+    Google__Protobuf__Timestamp created, updated, paid;
+    Orders__V1__OrderItem *items;
+    Orders__V1__OrderItem **item_ptrs;
+} pb_order;
+
+static bool pb_order_fill(pb_order *p, const order_t *o)
+{
+    memset(p, 0, sizeof *p);
+    orders__v1__order__init(&p->msg);
+    p->msg.order_id = (char *)o->id;
+    p->msg.customer_id = (char *)o->customer_id;
+    p->msg.status = (Orders__V1__OrderStatus)o->status;
+    p->msg.currency = (char *)o->currency;
+    p->msg.subtotal_minor = o->subtotal_minor;
+    p->msg.tax_minor = o->tax_minor;
+    p->msg.total_minor = o->total_minor;
+    p->msg.cancel_reason = (char *)o->cancel_reason;
+    p->msg.version = o->version;
+    ts_from_us(&p->created, o->created_at_us);
+    ts_from_us(&p->updated, o->updated_at_us);
+    p->msg.created_at = &p->created;
+    p->msg.updated_at = &p->updated;
+
+    orders__v1__payment__init(&p->pay);
+    p->pay.provider = (Orders__V1__PaymentProvider)o->pay_provider;
+    p->pay.reference = (char *)o->pay_reference;
+    p->pay.status = (Orders__V1__PaymentStatus)o->pay_status;
+    if (o->paid_at_us) {
+        ts_from_us(&p->paid, o->paid_at_us);
+        p->pay.paid_at = &p->paid;
+    }
+    p->msg.payment = &p->pay;
+
+    if (o->nitems) {
+        p->items = calloc(o->nitems, sizeof *p->items);
+        p->item_ptrs = calloc(o->nitems, sizeof *p->item_ptrs);
+        if (!p->items || !p->item_ptrs)
+            return false;
+        for (size_t i = 0; i < o->nitems; i++) {
+            Orders__V1__OrderItem *it = &p->items[i];
+            orders__v1__order_item__init(it);
+            it->product_id = (char *)o->items[i].product_id;
+            it->name = (char *)o->items[i].name;
+            it->quantity = o->items[i].quantity;
+            it->unit_price_minor = o->items[i].unit_price_minor;
+            it->line_total_minor = o->items[i].line_total_minor;
+            p->item_ptrs[i] = it;
+        }
+        p->msg.n_items = o->nitems;
+        p->msg.items = p->item_ptrs;
+    }
+    return true;
+}
+
+static void pb_order_dispose(pb_order *p)
+{
+    free(p->items);
+    free(p->item_ptrs);
+}
+
+/* Replies with one order as the whole response (GetOrder, CancelOrder, ...). */
+static void reply_order(srv_reply *r, const order_t *o)
+{
+    pb_order p;
+    if (pb_order_fill(&p, o))
+        r->body = srv_pack(&p.msg.base);
+    else
+        srv_reply_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    pb_order_dispose(&p);
+}
+
+static void product_to_pb(Orders__V1__Product *m, const order_product *p)
+{
+    orders__v1__product__init(m);
+    m->product_id = (char *)p->id;
+    m->name = (char *)p->name;
+    m->unit_price_minor = p->unit_price_minor;
+    m->currency = (char *)p->currency;
+    m->active = p->active;
+}
+
+#define DECODE(type, fn, req, len, r, name)                                                  \
+    type *m = fn(NULL, len, req);                                                            \
+    if (!m) {                                                                                \
+        srv_reply_error(r, GRPC_STATUS_INVALID_ARGUMENT,                                     \
+                        "the request is not a valid " name " message");                     \
+        return;                                                                              \
+    }
+
+/* ---- handlers ---- */
+
+void srv_rpc_place_order(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
+{
+    DECODE(Orders__V1__PlaceOrderRequest, orders__v1__place_order_request__unpack, req, len, r,
+           "orders.v1.PlaceOrderRequest");
+    order_line_cmd *lines = NULL;
+    if (m->n_items) {
+        lines = calloc(m->n_items, sizeof *lines);
+        if (!lines) {
+            srv_reply_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+            goto out;
+        }
+        for (size_t i = 0; i < m->n_items; i++) {
+            lines[i].product_id = m->items[i]->product_id;
+            lines[i].quantity = m->items[i]->quantity;
+        }
+    }
+    order_place_cmd cmd = {
+        .request_id = m->request_id,
+        .customer_id = m->customer_id,
+        .lines = lines,
+        .nlines = m->n_items,
+        .provider = (order_provider)m->payment_provider,
+    };
+    order_t o = {0};
+    order_payment_action act;
+    bool replayed = false;
+    int rc = order_place(&c->w->svc, &c->ctx, &cmd, &o, &act, &replayed);
+    if (rc != ORDER_OK) {
+        srv_reply_domain(r, c->err);
+        goto out;
+    }
+    pb_order p;
+    Orders__V1__PaymentAction pa;
+    orders__v1__payment_action__init(&pa);
+    pa.provider = (Orders__V1__PaymentProvider)act.provider;
+    pa.reference = act.reference;
+    pa.client_secret = act.client_secret;
+    pa.approval_url = act.approval_url;
+    Orders__V1__PlaceOrderResponse resp;
+    orders__v1__place_order_response__init(&resp);
+    resp.payment = &pa;
+    if (pb_order_fill(&p, &o)) {
+        resp.order = &p.msg;
+        r->body = srv_pack(&resp.base);
+    } else {
+        srv_reply_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+    pb_order_dispose(&p);
+    order_clear(&o);
+out:
+    free(lines);
+    orders__v1__place_order_request__free_unpacked(m, NULL);
+}
+
+void srv_rpc_get_order(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
+{
+    DECODE(Orders__V1__GetOrderRequest, orders__v1__get_order_request__unpack, req, len, r,
+           "orders.v1.GetOrderRequest");
+    order_t o = {0};
+    if (order_get(&c->w->svc, &c->ctx, m->order_id, &o) == ORDER_OK)
+        reply_order(r, &o);
+    else
+        srv_reply_domain(r, c->err);
+    order_clear(&o);
+    orders__v1__get_order_request__free_unpacked(m, NULL);
+}
+
+/* The scope a page token is bound to: the same query, as the server sees it. */
+static void list_scope(const srv_call *c, const Orders__V1__ListOrdersRequest *m, char *buf,
+                       size_t cap)
+{
+    unsigned set = 0;
+    for (size_t i = 0; i < m->n_statuses; i++)
+        if (m->statuses[i] > 0 && m->statuses[i] <= ORDER_STATUS_MAX)
+            set |= ORDER_STATUS_BIT(m->statuses[i]);
+    const char *cust = order_caller_is_privileged(&c->ctx.caller) ? m->customer_id
+                                                                  : c->ctx.caller.subject;
+    snprintf(buf, cap, "orders.list|c=%s|s=%u", cust, set);
+}
+
+void srv_rpc_list_orders(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
+{
+    DECODE(Orders__V1__ListOrdersRequest, orders__v1__list_orders_request__unpack, req, len, r,
+           "orders.v1.ListOrdersRequest");
+    const srv_config *cfg = c->w->srv->cfg;
+    char scope[256];
+    list_scope(c, m, scope, sizeof scope);
+    int *statuses = NULL;
+    order_t *orders = NULL;
+    size_t n = 0;
+    bool more = false;
+    order_list_cmd cmd = {
+        .page_size = m->page_size,
+        .customer_id = m->customer_id,
+        .nstatuses = m->n_statuses,
+    };
+    char cursor_id[ORDER_ID_LEN + 1] = "";
+    if (m->page_token[0]) {
+        if (srv_pagetoken_decode(cfg->page_token_secret, cfg->page_token_secret_len, scope,
+                                 m->page_token, &cmd.cursor_created_at_us, cursor_id) != 0) {
+            order_violate(c->err, "page_token",
+                          "is not a page token of this query: pass next_page_token unchanged, "
+                          "with the same filters");
+            order_fail(c->err, ORDER_EINVAL, "invalid page_token");
+            srv_reply_domain(r, c->err);
+            goto out;
+        }
+        cmd.has_cursor = true;
+        cmd.cursor_id = cursor_id;
+    }
+    if (m->n_statuses) {
+        statuses = calloc(m->n_statuses, sizeof *statuses);
+        if (!statuses) {
+            srv_reply_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+            goto out;
+        }
+        for (size_t i = 0; i < m->n_statuses; i++)
+            statuses[i] = (int)m->statuses[i];
+        cmd.statuses = statuses;
+    }
+    if (order_list(&c->w->svc, &c->ctx, &cmd, &orders, &n, &more) != ORDER_OK) {
+        srv_reply_domain(r, c->err);
+        goto out;
+    }
+    Orders__V1__ListOrdersResponse resp;
+    orders__v1__list_orders_response__init(&resp);
+    pb_order *pbs = n ? calloc(n, sizeof *pbs) : NULL;
+    Orders__V1__Order **ptrs = n ? calloc(n, sizeof *ptrs) : NULL;
+    char token[256] = "";
+    bool ok = !n || (pbs && ptrs);
+    for (size_t i = 0; ok && i < n; i++) {
+        ok = pb_order_fill(&pbs[i], &orders[i]);
+        ptrs[i] = &pbs[i].msg;
+    }
+    if (ok && more) {
+        const order_t *last = &orders[n - 1];
+        ok = srv_pagetoken_encode(cfg->page_token_secret, cfg->page_token_secret_len, scope,
+                                  last->created_at_us, last->id, token, sizeof token) == 0;
+    }
+    if (ok) {
+        resp.n_orders = n;
+        resp.orders = ptrs;
+        resp.next_page_token = token;
+        r->body = srv_pack(&resp.base);
+    } else {
+        srv_reply_error(r, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+    }
+    for (size_t i = 0; pbs && i < n; i++)
+        pb_order_dispose(&pbs[i]);
+    free(pbs);
+    free(ptrs);
+out:
+    order_list_free(orders, n);
+    free(statuses);
+    orders__v1__list_orders_request__free_unpacked(m, NULL);
+}
+
+void srv_rpc_cancel_order(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
+{
+    DECODE(Orders__V1__CancelOrderRequest, orders__v1__cancel_order_request__unpack, req, len, r,
+           "orders.v1.CancelOrderRequest");
+    order_t o = {0};
+    if (order_cancel(&c->w->svc, &c->ctx, m->order_id, m->reason, &o) == ORDER_OK)
+        reply_order(r, &o);
+    else
+        srv_reply_domain(r, c->err);
+    order_clear(&o);
+    orders__v1__cancel_order_request__free_unpacked(m, NULL);
+}
+
+void srv_rpc_confirm_payment(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
+{
+    DECODE(Orders__V1__ConfirmPaymentRequest, orders__v1__confirm_payment_request__unpack, req,
+           len, r, "orders.v1.ConfirmPaymentRequest");
+    order_t o = {0};
+    if (order_confirm_payment(&c->w->svc, &c->ctx, m->order_id, (order_provider)m->provider,
+                              m->payment_reference, &o) == ORDER_OK)
+        reply_order(r, &o);
+    else
+        srv_reply_domain(r, c->err);
+    order_clear(&o);
+    orders__v1__confirm_payment_request__free_unpacked(m, NULL);
+}
+
+void srv_rpc_update_order_status(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
+{
+    DECODE(Orders__V1__UpdateOrderStatusRequest, orders__v1__update_order_status_request__unpack,
+           req, len, r, "orders.v1.UpdateOrderStatusRequest");
+    order_t o = {0};
+    int64_t expected = m->expected_version ? m->expected_version->value : -1;
+    if (m->expected_version && expected == -1)
+        expected = 0; /* -1 means "any" to the domain; a caller's -1 is just invalid */
+    if (order_update_status(&c->w->svc, &c->ctx, m->order_id, (order_status)m->status, expected,
+                            &o) == ORDER_OK)
+        reply_order(r, &o);
+    else
+        srv_reply_domain(r, c->err);
+    order_clear(&o);
+    orders__v1__update_order_status_request__free_unpacked(m, NULL);
+}
+
+void srv_rpc_upsert_product(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
+{
+    DECODE(Orders__V1__UpsertProductRequest, orders__v1__upsert_product_request__unpack, req,
+           len, r, "orders.v1.UpsertProductRequest");
+    if (!m->product) {
+        order_violate(c->err, "product", "must be set");
+        order_fail(c->err, ORDER_EINVAL, "invalid product");
+        srv_reply_domain(r, c->err);
+        orders__v1__upsert_product_request__free_unpacked(m, NULL);
+        return;
+    }
+    order_product p = {0}, out = {0};
+    /* Oversized fields are truncated here only after the domain has seen their length. */
+    if (strlen(m->product->product_id) > ORDER_PRODUCT_ID_MAX)
+        order_violate(c->err, "product.product_id", "must be at most %d characters",
+                      ORDER_PRODUCT_ID_MAX);
+    if (strlen(m->product->name) > ORDER_PRODUCT_NAME_MAX)
+        order_violate(c->err, "product.name", "must be at most %d characters",
+                      ORDER_PRODUCT_NAME_MAX);
+    if (strlen(m->product->currency) > 3)
+        order_violate(c->err, "product.currency",
+                      "must be an ISO-4217 code in upper case, such as EUR");
+    snprintf(p.id, sizeof p.id, "%s", m->product->product_id);
+    snprintf(p.name, sizeof p.name, "%s", m->product->name);
+    snprintf(p.currency, sizeof p.currency, "%s", strlen(m->product->currency) > 3 ? "" : m->product->currency);
+    p.unit_price_minor = m->product->unit_price_minor;
+    p.active = m->product->active;
+    if (order_product_upsert(&c->w->svc, &c->ctx, &p, &out) == ORDER_OK) {
+        Orders__V1__Product pm;
+        product_to_pb(&pm, &out);
+        r->body = srv_pack(&pm.base);
+    } else {
+        srv_reply_domain(r, c->err);
+    }
+    orders__v1__upsert_product_request__free_unpacked(m, NULL);
+}
+
+void srv_rpc_get_product(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
+{
+    DECODE(Orders__V1__GetProductRequest, orders__v1__get_product_request__unpack, req, len, r,
+           "orders.v1.GetProductRequest");
+    order_product out = {0};
+    if (order_product_get(&c->w->svc, &c->ctx, m->product_id, &out) == ORDER_OK) {
+        Orders__V1__Product pm;
+        product_to_pb(&pm, &out);
+        r->body = srv_pack(&pm.base);
+    } else {
+        srv_reply_domain(r, c->err);
+    }
+    orders__v1__get_product_request__free_unpacked(m, NULL);
+}
