@@ -734,18 +734,18 @@ out:
         gpr_timespec grace = gpr_time_add(
             gpr_now(GPR_CLOCK_MONOTONIC),
             gpr_time_from_micros(cfg->shutdown_grace_us, GPR_TIMESPAN));
-        grpc_event ev = grpc_completion_queue_pluck(srv.shutdown_cq, &shutdown_tag, grace, NULL);
+        /* shutdown_cq is a NEXT queue that only ever carries this one tag. */
+        grpc_event ev = grpc_completion_queue_next(srv.shutdown_cq, grace, NULL);
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
             log_msgf(LOG_WARN, "grace period over: cancelling the calls still running");
             grpc_server_cancel_all_calls(srv.server);
-            grpc_completion_queue_pluck(srv.shutdown_cq, &shutdown_tag,
-                                        gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            grpc_completion_queue_next(srv.shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+                                       NULL);
         }
     } else if (srv.server) {
         static int shutdown_tag2;
         grpc_server_shutdown_and_notify(srv.server, srv.shutdown_cq, &shutdown_tag2);
-        grpc_completion_queue_pluck(srv.shutdown_cq, &shutdown_tag2,
-                                    gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        grpc_completion_queue_next(srv.shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
     }
     for (int i = 0; i < srv.nworkers && srv.workers; i++)
         if (srv.workers[i].cq)
