@@ -28,7 +28,7 @@ static bool service_known(const char *name)
 
 static int current_status(srv_server *srv)
 {
-    if (atomic_load(&srv->shutting_down))
+    if (atomic_load(&srv->draining) || atomic_load(&srv->shutting_down))
         return NOT_SERVING;
     return atomic_load(&srv->health);
 }

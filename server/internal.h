@@ -111,7 +111,7 @@ struct srv_worker {
     order_payments *local_pay;
     order_service svc;
     srv_call *streams;             /* open streaming calls on this worker */
-    bool request_posted;
+    int posted;                    /* grpc_server_request_call()s outstanding */
 };
 
 struct srv_server {
@@ -121,7 +121,8 @@ struct srv_server {
     grpc_completion_queue *shutdown_cq;
     srv_worker *workers;
     int nworkers;
-    atomic_bool shutting_down;
+    atomic_bool draining;          /* a shutdown signal arrived: take what is queued */
+    atomic_bool shutting_down;     /* the core is shutting down: post no more requests */
     atomic_int health;             /* HealthCheckResponse.ServingStatus */
     pthread_t health_thread;
     atomic_bool health_stop;

@@ -341,12 +341,11 @@ void srv_rpc_upsert_product(srv_call *c, const uint8_t *req, size_t len, srv_rep
     if (strlen(m->product->name) > ORDER_PRODUCT_NAME_MAX)
         order_violate(c->err, "product.name", "must be at most %d characters",
                       ORDER_PRODUCT_NAME_MAX);
-    if (strlen(m->product->currency) > 3)
-        order_violate(c->err, "product.currency",
-                      "must be an ISO-4217 code in upper case, such as EUR");
     snprintf(p.id, sizeof p.id, "%s", m->product->product_id);
     snprintf(p.name, sizeof p.name, "%s", m->product->name);
-    snprintf(p.currency, sizeof p.currency, "%s", strlen(m->product->currency) > 3 ? "" : m->product->currency);
+    /* An over-long currency becomes "", which the domain reports as not ISO-4217. */
+    snprintf(p.currency, sizeof p.currency, "%s",
+             strlen(m->product->currency) > 3 ? "" : m->product->currency);
     p.unit_price_minor = m->product->unit_price_minor;
     p.active = m->product->active;
     if (order_product_upsert(&c->w->svc, &c->ctx, &p, &out) == ORDER_OK) {

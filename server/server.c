@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 #include "common/clock.h"
 #include "common/log.h"
@@ -388,24 +389,31 @@ static const interceptor chain[] = {intercept_authn, intercept_rbac};
 
 /* ---- the worker loop ---- */
 
+/* While draining, each worker holds this many requests, so that every call the core has
+ * already queued is matched and served before the core starts refusing calls. */
+#define DRAIN_SLOTS 64
+
+/* Posts request calls up to the worker's target: one when running (the worker asks for a
+ * call only when it is free), DRAIN_SLOTS when draining, none once the core shuts down. */
 static void post_request(srv_worker *w)
 {
-    if (w->request_posted || atomic_load(&w->srv->shutting_down))
-        return;
-    srv_call *c = call_new(w);
-    if (!c) {
-        log_msgf(LOG_ERROR, "out of memory: worker %d cannot accept calls", w->index);
-        return;
+    int want = atomic_load(&w->srv->draining) ? DRAIN_SLOTS : 1;
+    while (w->posted < want && !atomic_load(&w->srv->shutting_down)) {
+        srv_call *c = call_new(w);
+        if (!c) {
+            log_msgf(LOG_ERROR, "out of memory: worker %d cannot accept calls", w->index);
+            return;
+        }
+        grpc_call_error e = grpc_server_request_call(w->srv->server, &c->call, &c->details,
+                                                     &c->md, w->cq, w->cq, &c->tag_new);
+        if (e != GRPC_CALL_OK) {
+            log_kv(LOG_ERROR, "grpc_server_request_call failed", LOG_F_INT, "error", (int64_t)e,
+                   LOG_F_END);
+            call_unref(c);
+            return;
+        }
+        w->posted++;
     }
-    grpc_call_error e = grpc_server_request_call(w->srv->server, &c->call, &c->details, &c->md,
-                                                 w->cq, w->cq, &c->tag_new);
-    if (e != GRPC_CALL_OK) {
-        log_kv(LOG_ERROR, "grpc_server_request_call failed", LOG_F_INT, "error", (int64_t)e,
-               LOG_F_END);
-        call_unref(c);
-        return;
-    }
-    w->request_posted = true;
 }
 
 static void run_unary(srv_call *c, const uint8_t *req, size_t len)
@@ -424,7 +432,7 @@ static void run_unary(srv_call *c, const uint8_t *req, size_t len)
 
 static void on_new_call(srv_worker *w, srv_call *c, bool ok)
 {
-    w->request_posted = false;
+    w->posted--;
     if (!ok) { /* the server is shutting down (#10): do not re-post */
         call_unref(c);
         return;
@@ -663,6 +671,7 @@ int srv_server_run(const srv_config *cfg, const sigset_t *wait_for)
     int rc = 1;
     char err[256] = "";
     srv_server srv = {.cfg = cfg};
+    atomic_init(&srv.draining, false);
     atomic_init(&srv.shutting_down, false);
     atomic_init(&srv.health, 2 /* NOT_SERVING until PostgreSQL answers */);
     atomic_init(&srv.health_stop, false);
@@ -723,6 +732,11 @@ int srv_server_run(const srv_config *cfg, const sigset_t *wait_for)
            cfg->shutdown_grace_us / 1000, LOG_F_END);
     rc = 0;
     atomic_store(&srv.health, 2); /* NOT_SERVING: let load balancers move away */
+    /* Calls the core has queued but no worker has taken yet would be refused by the
+     * shutdown below; let the workers take them first (each posts DRAIN_SLOTS requests
+     * within a tick or as soon as it finishes its current call). */
+    atomic_store(&srv.draining, true);
+    usleep(3 * TICK_MS * 1000);
 
 out:
     atomic_store(&srv.shutting_down, true);

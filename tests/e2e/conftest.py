@@ -1,0 +1,187 @@
+"""The e2e harness: migrates a database the suite owns, starts `orderd serve` on a free
+loopback port with test secrets, loads test products through the API, and stops the
+server with SIGTERM at the end, expecting exit code 0 (graceful shutdown is tested too).
+
+Environment:
+  ORDERD_BIN          the binary (default <repo>/build/orderd)
+  ORDERD_REPO         the checkout (default: two levels up from here)
+  ORDERD_E2E_PG_DSN   the suite's database (default host=127.0.0.1 port=55432
+                      dbname=orderd_e2e user=orderd); created if missing
+Tests never truncate: every test uses its own customers, request ids and, where it
+changes them, its own products, so tests are independent and runs can repeat.
+"""
+
+import os
+import re
+import secrets
+import subprocess
+import tempfile
+import uuid
+
+import pytest
+
+import orderd_e2e as e2e
+from orderd_e2e import pb
+
+_SESSION = {}
+
+
+def _ensure_database(dsn):
+    """Creates the DSN's database through psql if it does not exist yet."""
+    probe = subprocess.run(["psql", dsn, "-XtAc", "select 1"], capture_output=True, text=True)
+    if probe.returncode == 0:
+        return
+    if "does not exist" not in probe.stderr:
+        pytest.exit("e2e database unreachable (%s): %s\nStart the stack (scripts/stack.sh "
+                    "start) or set ORDERD_E2E_PG_DSN." % (dsn, probe.stderr.strip()), 2)
+    m = re.search(r"dbname=(\S+)", dsn)
+    dbname = m.group(1)
+    admin_dsn = re.sub(r"dbname=\S+", "dbname=postgres", dsn)
+    r = subprocess.run(["psql", admin_dsn, "-Xv", "ON_ERROR_STOP=1", "-c",
+                        'CREATE DATABASE "%s"' % dbname], capture_output=True, text=True)
+    if r.returncode != 0 and "already exists" not in r.stderr:
+        pytest.exit("cannot create %s: %s" % (dbname, r.stderr.strip()), 2)
+
+
+class Caller:
+    def __init__(self, sub, roles, token):
+        self.sub = sub
+        self.roles = roles
+        self.token = token
+
+    def __repr__(self):
+        return "Caller(%s, %s)" % (self.sub, self.roles)
+
+
+class E2E:
+    """What the tests get: the running server, an Api on it, tokens and products."""
+
+    def __init__(self, server, env, secret, page_secret, logdir):
+        self.server = server
+        self.env = env
+        self.secret = secret
+        self.page_secret = page_secret
+        self.logdir = logdir
+        self.api = e2e.Api(server.channel)
+        self.admin = self.caller("e2e-admin", ["admin"])
+        self.service = self.caller("e2e-checkout", ["service"])
+        self.run = uuid.uuid4().hex[:8]
+        self.products = {}
+
+    # -- callers
+    def caller(self, sub, roles):
+        return Caller(sub, roles, e2e.mint(self.secret, sub, roles))
+
+    def customer(self):
+        return self.caller(e2e.unique("cust"), ["customer"])
+
+    # -- calls
+    def call(self, method, request, caller, **kw):
+        token = caller.token if isinstance(caller, Caller) else caller
+        return self.api.call(method, request, token, **kw)
+
+    def place_request(self, items, request_id=None, customer_id="",
+                      provider=pb.PAYMENT_PROVIDER_LOCAL):
+        return pb.PlaceOrderRequest(
+            request_id=request_id if request_id is not None else e2e.unique("req"),
+            customer_id=customer_id,
+            items=[pb.LineItem(product_id=p, quantity=q) for p, q in items],
+            payment_provider=provider)
+
+    def place(self, caller, items, **kw):
+        return self.call("PlaceOrder", self.place_request(items, **kw), caller)
+
+    def get(self, caller, order_id):
+        return self.call("GetOrder", pb.GetOrderRequest(order_id=order_id), caller)
+
+    def list_all(self, caller, page_size=0, statuses=(), customer_id=""):
+        """Every order the caller can list, following next_page_token."""
+        out, token, pages = [], "", 0
+        while True:
+            r = self.call("ListOrders", pb.ListOrdersRequest(
+                page_size=page_size, page_token=token, statuses=list(statuses),
+                customer_id=customer_id), caller)
+            out.extend(r.orders)
+            pages += 1
+            assert pages < 10000, "pagination does not end"
+            if not r.next_page_token:
+                return out
+            token = r.next_page_token
+
+    def order_ids(self, caller, **kw):
+        return [o.order_id for o in self.list_all(caller, **kw)]
+
+    def upsert(self, product_id, name, price, currency, active=True):
+        return self.call("UpsertProduct", pb.UpsertProductRequest(product=pb.Product(
+            product_id=product_id, name=name, unit_price_minor=price, currency=currency,
+            active=active)), self.admin)
+
+    def pid(self, key):
+        return self.products[key].product_id
+
+
+# name, price, currency, active
+_PRODUCTS = {
+    "widget": ("Widget", 1000, "EUR", True),
+    "gadget": ("Gadget", 2000, "EUR", True),
+    "penny": ("Penny sweet", 1, "EUR", True),
+    "yen": ("Matcha tin", 500, "JPY", True),
+    "inactive": ("Discontinued lamp", 300, "EUR", False),
+    # total = subtotal + round_half_up(subtotal * 825 / 10000): 92378752 -> 99999999 (the
+    # configured max_total_minor), 92378753 -> 100000000 (one above).
+    "max_ok": ("Boat, at the limit", 92378752, "EUR", True),
+    "max_over": ("Boat, one cent over", 92378753, "EUR", True),
+}
+BULK = 101
+
+
+@pytest.fixture(scope="session")
+def orderd():
+    if not (os.path.isfile(e2e.BIN) and os.access(e2e.BIN, os.X_OK)):
+        pytest.exit("orderd binary not found at %s (build it, or set ORDERD_BIN)" % e2e.BIN, 2)
+    _ensure_database(e2e.PG_DSN)
+    secret = secrets.token_hex(48)
+    page_secret = secrets.token_hex(32)
+    env = e2e.base_env(e2e.PG_DSN, secret, page_secret)
+    logdir = tempfile.mkdtemp(prefix="orderd-e2e-")
+
+    mig = e2e.run_cli(["migrate"], env, timeout=120)
+    assert mig.returncode == 0, "orderd migrate failed (%d)\nstdout:\n%s\nstderr:\n%s" % (
+        mig.returncode, mig.stdout, mig.stderr)
+
+    server = e2e.Orderd(env, logdir, "orderd-main").start()
+    _SESSION["server"] = server
+    try:
+        server.wait_health(e2e.health_pb2.HealthCheckResponse.SERVING, timeout=20)
+        ctx = E2E(server, env, secret, page_secret, logdir)
+        for key, (name, price, cur, active) in _PRODUCTS.items():
+            pid = "e2e-%s-%s" % (ctx.run, key.replace("_", "-"))
+            ctx.products[key] = ctx.upsert(pid, name, price, cur, active)
+        for i in range(BULK):
+            key = "bulk%03d" % i
+            ctx.products[key] = ctx.upsert("e2e-%s-bulk-%03d" % (ctx.run, i),
+                                           "Bulk item %d" % i, 1, "EUR")
+    except BaseException:
+        server.kill()
+        raise
+
+    yield ctx
+
+    rc = server.stop(timeout=15)
+    _SESSION.pop("server", None)
+    assert rc == 0, "orderd did not exit 0 within 15 s of SIGTERM (rc=%s)\n%s" % (
+        rc, server.log_tail())
+
+
+@pytest.fixture
+def customer(orderd):
+    return orderd.customer()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    server = _SESSION.get("server")
+    if rep.failed and server is not None:
+        rep.sections.append(("orderd-main stderr (tail)", e2e.tail(server.log_path, 40)))
