@@ -12,7 +12,10 @@ log_level log__min_level = LOG_INFO;
 
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
-void log_set_level(log_level min) { log__min_level = min; }
+void log_set_level(log_level min)
+{
+    log__min_level = min;
+}
 
 bool log_level_parse(const char *name, log_level *out)
 {
@@ -43,7 +46,10 @@ static void put(line *l, const char *s, size_t n)
     l->len += n;
 }
 
-static void puts_raw(line *l, const char *s) { put(l, s, strlen(s)); }
+static void puts_raw(line *l, const char *s)
+{
+    put(l, s, strlen(s));
+}
 
 /* JSON string escaping; control bytes become \u00XX. */
 static void put_json_str(line *l, const char *s)
@@ -52,11 +58,21 @@ static void put_json_str(line *l, const char *s)
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         char esc[8];
         switch (*p) {
-        case '"': put(l, "\\\"", 2); break;
-        case '\\': put(l, "\\\\", 2); break;
-        case '\n': put(l, "\\n", 2); break;
-        case '\r': put(l, "\\r", 2); break;
-        case '\t': put(l, "\\t", 2); break;
+        case '"':
+            put(l, "\\\"", 2);
+            break;
+        case '\\':
+            put(l, "\\\\", 2);
+            break;
+        case '\n':
+            put(l, "\\n", 2);
+            break;
+        case '\r':
+            put(l, "\\r", 2);
+            break;
+        case '\t':
+            put(l, "\\t", 2);
+            break;
         default:
             if (*p < 0x20) {
                 snprintf(esc, sizeof esc, "\\u%04x", *p);

@@ -35,9 +35,25 @@ void log_kv(log_level lvl, const char *msg, ...);
 /** printf-style message with no extra fields. */
 void log_msgf(log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-#define LOG_DEBUGF(...) do { if (log_enabled(LOG_DEBUG)) log_msgf(LOG_DEBUG, __VA_ARGS__); } while (0)
-#define LOG_INFOF(...) do { if (log_enabled(LOG_INFO)) log_msgf(LOG_INFO, __VA_ARGS__); } while (0)
-#define LOG_WARNF(...) do { if (log_enabled(LOG_WARN)) log_msgf(LOG_WARN, __VA_ARGS__); } while (0)
-#define LOG_ERRORF(...) do { if (log_enabled(LOG_ERROR)) log_msgf(LOG_ERROR, __VA_ARGS__); } while (0)
+#define LOG_DEBUGF(...)                                                                            \
+    do {                                                                                           \
+        if (log_enabled(LOG_DEBUG))                                                                \
+            log_msgf(LOG_DEBUG, __VA_ARGS__);                                                      \
+    } while (0)
+#define LOG_INFOF(...)                                                                             \
+    do {                                                                                           \
+        if (log_enabled(LOG_INFO))                                                                 \
+            log_msgf(LOG_INFO, __VA_ARGS__);                                                       \
+    } while (0)
+#define LOG_WARNF(...)                                                                             \
+    do {                                                                                           \
+        if (log_enabled(LOG_WARN))                                                                 \
+            log_msgf(LOG_WARN, __VA_ARGS__);                                                       \
+    } while (0)
+#define LOG_ERRORF(...)                                                                            \
+    do {                                                                                           \
+        if (log_enabled(LOG_ERROR))                                                                \
+            log_msgf(LOG_ERROR, __VA_ARGS__);                                                      \
+    } while (0)
 
 #endif

@@ -20,19 +20,19 @@
 #include <stdint.h>
 
 /* ---- limits (the contract's, see proto/orders/v1/orders.proto) ---- */
-#define ORDER_ID_LEN 36           /* UUID text form */
-#define ORDER_CUSTOMER_MAX 128
-#define ORDER_REQUEST_ID_MAX 128
-#define ORDER_PRODUCT_ID_MAX 64
-#define ORDER_PRODUCT_NAME_MAX 200
-#define ORDER_REFERENCE_MAX 255
-#define ORDER_REASON_MAX 500
-#define ORDER_MAX_LINES 100
-#define ORDER_MIN_QUANTITY 1
-#define ORDER_MAX_QUANTITY 10000
+#define ORDER_ID_LEN            36 /* UUID text form */
+#define ORDER_CUSTOMER_MAX      128
+#define ORDER_REQUEST_ID_MAX    128
+#define ORDER_PRODUCT_ID_MAX    64
+#define ORDER_PRODUCT_NAME_MAX  200
+#define ORDER_REFERENCE_MAX     255
+#define ORDER_REASON_MAX        500
+#define ORDER_MAX_LINES         100
+#define ORDER_MIN_QUANTITY      1
+#define ORDER_MAX_QUANTITY      10000
 #define ORDER_PAGE_SIZE_DEFAULT 50
-#define ORDER_PAGE_SIZE_MAX 500
-#define ORDER_MAX_VIOLATIONS 128
+#define ORDER_PAGE_SIZE_MAX     500
+#define ORDER_MAX_VIOLATIONS    128
 
 /* ---- errors ---- */
 
@@ -51,17 +51,17 @@ typedef enum order_code {
 } order_code;
 
 typedef struct order_violation {
-    char field[64];        /* e.g. "items[1].quantity" */
+    char field[64]; /* e.g. "items[1].quantity" */
     char description[192];
 } order_violation;
 
 /** What went wrong, filled by the domain and the adapters; read by server/. */
 typedef struct order_error {
-    int code;                /* order_code */
-    char message[256];       /* for humans; never holds secrets */
-    char reason[48];         /* machine-readable (google.rpc.ErrorInfo.reason), or "" */
-    int current_status;      /* order_status, for ORDER_EPRECONDITION; 0 if n/a */
-    char precondition_type[32];   /* PreconditionFailure.violations[0].type, or "" */
+    int code;                   /* order_code */
+    char message[256];          /* for humans; never holds secrets */
+    char reason[48];            /* machine-readable (google.rpc.ErrorInfo.reason), or "" */
+    int current_status;         /* order_status, for ORDER_EPRECONDITION; 0 if n/a */
+    char precondition_type[32]; /* PreconditionFailure.violations[0].type, or "" */
     char precondition_subject[64];
     size_t nviolations;
     bool violations_truncated;
@@ -165,13 +165,13 @@ typedef struct order_t {
     order_provider pay_provider;
     char pay_reference[ORDER_REFERENCE_MAX + 1];
     order_pay_status pay_status;
-    int64_t paid_at_us;      /* Unix microseconds; 0 = not paid */
+    int64_t paid_at_us; /* Unix microseconds; 0 = not paid */
     char cancel_reason[ORDER_REASON_MAX + 1];
-    int64_t created_at_us;   /* Unix microseconds, set by the store */
+    int64_t created_at_us; /* Unix microseconds, set by the store */
     int64_t updated_at_us;
-    int64_t version;         /* 1 when placed, +1 with every change */
+    int64_t version; /* 1 when placed, +1 with every change */
     size_t nitems;
-    order_item *items;       /* heap, owned; order_clear() frees */
+    order_item *items; /* heap, owned; order_clear() frees */
 } order_t;
 
 /** Frees the items and zeroes the order. Safe on a zeroed order. */
@@ -189,7 +189,8 @@ typedef struct order_payment_action {
 
 /* ---- money ---- */
 
-/** Minor-unit exponent of an ISO-4217 code (2 for EUR, 0 for JPY, 3 for KWD); -1 if not a known code. */
+/** Minor-unit exponent of an ISO-4217 code (2 for EUR, 0 for JPY, 3 for KWD); -1 if not a known
+ * code. */
 int money_currency_exponent(const char *code);
 /** a*b into *out; false on overflow. */
 bool money_mul(int64_t a, int64_t b, int64_t *out);
@@ -204,8 +205,8 @@ bool money_tax(int64_t subtotal, int32_t rate_bps, int64_t *out);
 /** Per-call context: who calls and until when. Not shared between threads. */
 typedef struct order_ctx {
     order_caller caller;
-    int64_t deadline_mono_us;  /* CLOCK_MONOTONIC microseconds; INT64_MAX = none */
-    order_error *err;          /* where failures are described; never NULL */
+    int64_t deadline_mono_us; /* CLOCK_MONOTONIC microseconds; INT64_MAX = none */
+    order_error *err;         /* where failures are described; never NULL */
 } order_ctx;
 
 /** Microseconds left before the deadline (INT64_MAX if none, <= 0 if past). */
@@ -215,23 +216,23 @@ int64_t order_ctx_remaining_us(const order_ctx *ctx);
 
 /** Query for order_store.list. */
 typedef struct order_list_query {
-    const char *customer_id;   /* NULL = any customer */
-    unsigned status_set;       /* ORDER_STATUS_BIT()s; 0 = any status */
-    int limit;                 /* rows to return, 1..ORDER_PAGE_SIZE_MAX+1 */
-    bool has_cursor;           /* return only orders strictly after this position */
-    int64_t cursor_created_at_us;  /* ...in the order (created_at DESC, id DESC) */
+    const char *customer_id;      /* NULL = any customer */
+    unsigned status_set;          /* ORDER_STATUS_BIT()s; 0 = any status */
+    int limit;                    /* rows to return, 1..ORDER_PAGE_SIZE_MAX+1 */
+    bool has_cursor;              /* return only orders strictly after this position */
+    int64_t cursor_created_at_us; /* ...in the order (created_at DESC, id DESC) */
     char cursor_id[ORDER_ID_LEN + 1];
 } order_list_query;
 
 /** A status change, applied by one conditional UPDATE with a history row. */
 typedef struct order_transition {
     const char *order_id;
-    unsigned from_set;         /* allowed current statuses (ORDER_STATUS_BIT()s) */
+    unsigned from_set; /* allowed current statuses (ORDER_STATUS_BIT()s) */
     order_status to;
-    int64_t expected_version;  /* -1 = any */
-    const char *reason;        /* history "why", and cancel_reason when to == CANCELLED */
+    int64_t expected_version;    /* -1 = any */
+    const char *reason;          /* history "why", and cancel_reason when to == CANCELLED */
     order_pay_status pay_status; /* new payment status; ORDER_PAY_UNSPECIFIED = unchanged */
-    int64_t paid_at_us;        /* set with pay_status SUCCEEDED; 0 = unchanged */
+    int64_t paid_at_us;          /* set with pay_status SUCCEEDED; 0 = unchanged */
 } order_transition;
 
 /**
@@ -256,16 +257,16 @@ typedef struct order_store {
      * and *replayed set; with another fingerprint: ORDER_EIDEMPOTENCY. Concurrent
      * callers with the same key never create two orders.
      */
-    int (*order_insert)(void *self, order_ctx *ctx, const char *request_id,
-                        const char *fingerprint, order_t *o, bool *replayed);
+    int (*order_insert)(void *self, order_ctx *ctx, const char *request_id, const char *fingerprint,
+                        order_t *o, bool *replayed);
     /** Reads one order with its items; ORDER_ENOTFOUND if absent. *out must be empty. */
     int (*order_get)(void *self, order_ctx *ctx, const char *order_id, order_t *out);
     /**
      * Lists orders (created_at DESC, id DESC) with items. *out is a heap array of *n
      * orders that the caller frees with order_list_free.
      */
-    int (*order_list)(void *self, order_ctx *ctx, const order_list_query *q,
-                      order_t **out, size_t *n);
+    int (*order_list)(void *self, order_ctx *ctx, const order_list_query *q, order_t **out,
+                      size_t *n);
     /**
      * Applies a transition with one conditional UPDATE (status in from_set, and version
      * if given), bumps version and updated_at, and writes a history row (actor =
@@ -308,8 +309,8 @@ typedef struct order_payments {
 /* ---- the service (use cases) ---- */
 
 typedef struct order_config {
-    int32_t tax_rate_bps;          /* 0..10000 */
-    int64_t max_total_minor;       /* totals above this are refused (provider limit) */
+    int32_t tax_rate_bps;    /* 0..10000 */
+    int64_t max_total_minor; /* totals above this are refused (provider limit) */
 } order_config;
 
 typedef struct order_service {
@@ -325,32 +326,32 @@ typedef struct order_line_cmd {
 
 typedef struct order_place_cmd {
     const char *request_id;
-    const char *customer_id;   /* "" = the caller */
+    const char *customer_id; /* "" = the caller */
     const order_line_cmd *lines;
     size_t nlines;
     order_provider provider;
 } order_place_cmd;
 
 /** Places an order (see the contract). On success *out and *action are filled. */
-int order_place(order_service *svc, order_ctx *ctx, const order_place_cmd *cmd,
-                order_t *out, order_payment_action *action, bool *replayed);
+int order_place(order_service *svc, order_ctx *ctx, const order_place_cmd *cmd, order_t *out,
+                order_payment_action *action, bool *replayed);
 /** Reads an order the caller may see; ORDER_ENOTFOUND otherwise. */
 int order_get(order_service *svc, order_ctx *ctx, const char *order_id, order_t *out);
 
 typedef struct order_list_cmd {
-    int32_t page_size;          /* 0 = default */
-    const char *customer_id;    /* "" = any (privileged) or self (customer) */
-    const int *statuses;        /* filter */
+    int32_t page_size;       /* 0 = default */
+    const char *customer_id; /* "" = any (privileged) or self (customer) */
+    const int *statuses;     /* filter */
     size_t nstatuses;
-    bool has_cursor;            /* decoded page token */
+    bool has_cursor; /* decoded page token */
     int64_t cursor_created_at_us;
     const char *cursor_id;
 } order_list_cmd;
 
 /** Lists a page of orders. *more tells whether another page follows; the cursor of the
  *  next page is the last order's (created_at_us, id). Free *out with order_list_free. */
-int order_list(order_service *svc, order_ctx *ctx, const order_list_cmd *cmd,
-               order_t **out, size_t *n, bool *more);
+int order_list(order_service *svc, order_ctx *ctx, const order_list_cmd *cmd, order_t **out,
+               size_t *n, bool *more);
 /** Cancels a PENDING or PAID order; voids or refunds its payment. Cancelling a cancelled
  *  order returns it unchanged. */
 int order_cancel(order_service *svc, order_ctx *ctx, const char *order_id, const char *reason,
@@ -359,8 +360,8 @@ int order_cancel(order_service *svc, order_ctx *ctx, const char *order_id, const
 int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_id,
                           order_provider provider, const char *reference, order_t *out);
 /** PAID -> SHIPPED or SHIPPED -> DELIVERED; expected_version -1 = any. */
-int order_update_status(order_service *svc, order_ctx *ctx, const char *order_id,
-                        order_status to, int64_t expected_version, order_t *out);
+int order_update_status(order_service *svc, order_ctx *ctx, const char *order_id, order_status to,
+                        int64_t expected_version, order_t *out);
 int order_product_upsert(order_service *svc, order_ctx *ctx, const order_product *p,
                          order_product *out);
 int order_product_get(order_service *svc, order_ctx *ctx, const char *product_id,

@@ -38,7 +38,8 @@ static int check_order_id(order_ctx *ctx, const char *id)
     if (!id || !*id) {
         order_violate(ctx->err, "order_id", "must not be empty");
     } else if (!order_id_valid(id)) {
-        order_violate(ctx->err, "order_id", "must be a UUID such as 3f2c8a4e-1b7d-4c55-9a0e-2f6b8d1c7e90");
+        order_violate(ctx->err, "order_id",
+                      "must be a UUID such as 3f2c8a4e-1b7d-4c55-9a0e-2f6b8d1c7e90");
     }
     if (ctx->err->nviolations)
         return order_fail(ctx->err, ORDER_EINVAL, "invalid order_id");
@@ -63,7 +64,7 @@ static int load_visible(order_service *svc, order_ctx *ctx, const char *id, orde
 static const char *status_upper(order_status s)
 {
     static const char *const names[] = {
-        "ORDER_STATUS_UNSPECIFIED", "ORDER_STATUS_PENDING", "ORDER_STATUS_PAID",
+        "ORDER_STATUS_UNSPECIFIED", "ORDER_STATUS_PENDING",   "ORDER_STATUS_PAID",
         "ORDER_STATUS_SHIPPED",     "ORDER_STATUS_DELIVERED", "ORDER_STATUS_CANCELLED",
         "ORDER_STATUS_EXPIRED",     "ORDER_STATUS_FAILED",
     };
@@ -90,8 +91,8 @@ static order_payments *provider_of(order_service *svc, order_provider p)
 
 static bool id_char_ok(char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '-' || c == '_' || c == '.';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+           c == '_' || c == '.';
 }
 
 /* ---- place ---- */
@@ -104,7 +105,8 @@ bool order_fingerprint(const order_place_cmd *cmd, const char *customer_id, char
         return false;
     off = (size_t)n;
     for (size_t i = 0; i < cmd->nlines; i++) {
-        n = snprintf(buf + off, cap - off, "%s:%d;", cmd->lines[i].product_id ? cmd->lines[i].product_id : "",
+        n = snprintf(buf + off, cap - off, "%s:%d;",
+                     cmd->lines[i].product_id ? cmd->lines[i].product_id : "",
                      (int)cmd->lines[i].quantity);
         if (n < 0 || (size_t)n >= cap - off)
             return false;
@@ -222,8 +224,10 @@ static int price_lines(order_service *svc, order_ctx *ctx, const order_place_cmd
         if (!currency) {
             currency = p->currency;
         } else if (strcmp(currency, p->currency) != 0) {
-            order_violate(e, field, "product %s is priced in %s but the order is in %s: one order, one currency",
-                          p->id, p->currency, currency);
+            order_violate(
+                e, field,
+                "product %s is priced in %s but the order is in %s: one order, one currency", p->id,
+                p->currency, currency);
             continue;
         }
         order_item *it = &o->items[o->nitems++];
@@ -318,7 +322,8 @@ int order_place(order_service *svc, order_ctx *ctx, const order_place_cmd *cmd, 
         rc = pay->create(pay->self, ctx, &o, action);
         if (rc != ORDER_OK)
             goto fail; /* the order stays PENDING; the same request retried completes it */
-        if (strcmp(o.pay_reference, action->reference) != 0 || o.pay_status == ORDER_PAY_UNSPECIFIED) {
+        if (strcmp(o.pay_reference, action->reference) != 0 ||
+            o.pay_status == ORDER_PAY_UNSPECIFIED) {
             order_t updated = {0};
             rc = svc->store.order_set_payment(svc->store.self, ctx, o.id, action->provider,
                                               action->reference, ORDER_PAY_PENDING, &updated);
@@ -549,9 +554,11 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
         return rc;
     if (cur.pay_provider != provider) {
         snprintf(e->reason, sizeof e->reason, "PAYMENT_PROVIDER_MISMATCH");
-        rc = order_fail(e, ORDER_EPRECONDITION, "the order is paid through %s, not %s",
-                        order_provider_name(cur.pay_provider) ? order_provider_name(cur.pay_provider) : "no provider",
-                        order_provider_name(provider));
+        rc =
+            order_fail(e, ORDER_EPRECONDITION, "the order is paid through %s, not %s",
+                       order_provider_name(cur.pay_provider) ? order_provider_name(cur.pay_provider)
+                                                             : "no provider",
+                       order_provider_name(provider));
         order_clear(&cur);
         return rc;
     }
@@ -667,9 +674,8 @@ int order_update_status(order_service *svc, order_ctx *ctx, const char *order_id
             e->current_status = o.status;
             snprintf(e->precondition_type, sizeof e->precondition_type, "ORDER_VERSION");
             snprintf(e->precondition_subject, sizeof e->precondition_subject, "%s", o.id);
-            rc = order_fail(e, ORDER_EPRECONDITION,
-                            "the order is at version %lld, not %lld", (long long)o.version,
-                            (long long)expected_version);
+            rc = order_fail(e, ORDER_EPRECONDITION, "the order is at version %lld, not %lld",
+                            (long long)o.version, (long long)expected_version);
         } else {
             rc = fail_status(ctx, &o, to == ORDER_STATUS_SHIPPED ? "ship" : "deliver");
         }

@@ -50,16 +50,26 @@ void order_error_reset(order_error *e)
 const char *order_code_name(int code)
 {
     switch (code) {
-    case ORDER_OK: return "OK";
-    case ORDER_EINVAL: return "INVALID_ARGUMENT";
-    case ORDER_ENOTFOUND: return "NOT_FOUND";
-    case ORDER_EPERM: return "PERMISSION_DENIED";
-    case ORDER_EPRECONDITION: return "FAILED_PRECONDITION";
-    case ORDER_EIDEMPOTENCY: return "IDEMPOTENCY_KEY_REUSED";
-    case ORDER_EUNAVAILABLE: return "UNAVAILABLE";
-    case ORDER_EDEADLINE: return "DEADLINE_EXCEEDED";
-    case ORDER_EABORTED: return "ABORTED";
-    default: return "INTERNAL";
+    case ORDER_OK:
+        return "OK";
+    case ORDER_EINVAL:
+        return "INVALID_ARGUMENT";
+    case ORDER_ENOTFOUND:
+        return "NOT_FOUND";
+    case ORDER_EPERM:
+        return "PERMISSION_DENIED";
+    case ORDER_EPRECONDITION:
+        return "FAILED_PRECONDITION";
+    case ORDER_EIDEMPOTENCY:
+        return "IDEMPOTENCY_KEY_REUSED";
+    case ORDER_EUNAVAILABLE:
+        return "UNAVAILABLE";
+    case ORDER_EDEADLINE:
+        return "DEADLINE_EXCEEDED";
+    case ORDER_EABORTED:
+        return "ABORTED";
+    default:
+        return "INTERNAL";
     }
 }
 
@@ -82,12 +92,21 @@ static const char *const pay_status_names[] = {
     [ORDER_PAY_FAILED] = "failed",
 };
 
-#define NAME_AT(tab, i)                                                                      \
+#define NAME_AT(tab, i)                                                                            \
     (((int)(i) > 0 && (size_t)(i) < sizeof(tab) / sizeof(tab[0])) ? tab[(int)(i)] : NULL)
 
-const char *order_status_name(order_status s) { return NAME_AT(status_names, s); }
-const char *order_provider_name(order_provider p) { return NAME_AT(provider_names, p); }
-const char *order_pay_status_name(order_pay_status s) { return NAME_AT(pay_status_names, s); }
+const char *order_status_name(order_status s)
+{
+    return NAME_AT(status_names, s);
+}
+const char *order_provider_name(order_provider p)
+{
+    return NAME_AT(provider_names, p);
+}
+const char *order_pay_status_name(order_pay_status s)
+{
+    return NAME_AT(pay_status_names, s);
+}
 
 static int parse_in(const char *const *tab, size_t n, const char *name)
 {
@@ -105,8 +124,8 @@ order_status order_status_parse(const char *name)
 }
 order_provider order_provider_parse(const char *name)
 {
-    return (order_provider)parse_in(provider_names,
-                                    sizeof provider_names / sizeof *provider_names, name);
+    return (order_provider)parse_in(provider_names, sizeof provider_names / sizeof *provider_names,
+                                    name);
 }
 order_pay_status order_pay_status_parse(const char *name)
 {

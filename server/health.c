@@ -14,9 +14,9 @@
 #include "server/internal.h"
 #include "storage/storage.h"
 
-#define SERVING GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
-#define NOT_SERVING GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
-#define SERVICE_UNKNOWN GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN
+#define SERVING           GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+#define NOT_SERVING       GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
+#define SERVICE_UNKNOWN   GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN
 #define PROBE_INTERVAL_MS 1000
 
 /* The services whose health we report: the whole server ("") and the order service. */
@@ -61,8 +61,8 @@ void srv_health_check(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
 
 typedef struct watch {
     bool known;
-    bool started;    /* the request arrived */
-    int last_sent;   /* -1 before the first message */
+    bool started;  /* the request arrived */
+    int last_sent; /* -1 before the first message */
 } watch;
 
 static int watch_status(srv_call *c, const watch *wt)
@@ -131,7 +131,10 @@ void srv_health_watch_sent(srv_call *c, bool ok)
         watch_push(c); /* the status may have changed while the last one was in flight */
 }
 
-void srv_health_watch_tick(srv_call *c) { watch_push(c); }
+void srv_health_watch_tick(srv_call *c)
+{
+    watch_push(c);
+}
 
 /* ---- the monitor ---- */
 
@@ -139,8 +142,8 @@ static void *monitor_main(void *arg)
 {
     srv_server *srv = arg;
     char err[256] = "";
-    struct store *st = store_open(srv->cfg->pg_dsn, srv->cfg->pg_statement_timeout_us, err,
-                                  sizeof err);
+    struct store *st =
+        store_open(srv->cfg->pg_dsn, srv->cfg->pg_statement_timeout_us, err, sizeof err);
     int last = -1;
     while (!atomic_load(&srv->health_stop)) {
         int now = (st && store_ping(st)) ? SERVING : NOT_SERVING;

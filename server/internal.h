@@ -35,16 +35,16 @@ typedef struct srv_call srv_call;
 typedef struct srv_reply {
     grpc_status_code code;
     char message[512];
-    grpc_byte_buffer *body;   /* the packed response; owned by the reply until sent */
-    order_error *err;         /* domain error to turn into google.rpc.Status details, or NULL */
-    const char *reason;       /* ErrorInfo reason when err is NULL, or NULL */
+    grpc_byte_buffer *body; /* the packed response; owned by the reply until sent */
+    order_error *err;       /* domain error to turn into google.rpc.Status details, or NULL */
+    const char *reason;     /* ErrorInfo reason when err is NULL, or NULL */
 } srv_reply;
 
 typedef enum srv_tag_kind {
-    TAG_NEW_CALL,   /* grpc_server_request_call completed */
-    TAG_RECV,       /* RECV_MESSAGE completed */
-    TAG_SEND,       /* a SEND_* batch completed */
-    TAG_CLOSE,      /* RECV_CLOSE_ON_SERVER completed */
+    TAG_NEW_CALL, /* grpc_server_request_call completed */
+    TAG_RECV,     /* RECV_MESSAGE completed */
+    TAG_SEND,     /* a SEND_* batch completed */
+    TAG_CLOSE,    /* RECV_CLOSE_ON_SERVER completed */
 } srv_tag_kind;
 
 typedef struct srv_tag {
@@ -56,10 +56,10 @@ typedef enum srv_method_kind { METHOD_UNARY, METHOD_SERVER_STREAM, METHOD_BIDI }
 
 /** One row of the method table. */
 typedef struct srv_method {
-    const char *path;          /* "/orders.v1.OrderService/PlaceOrder" */
+    const char *path; /* "/orders.v1.OrderService/PlaceOrder" */
     srv_method_kind kind;
-    unsigned roles;            /* ORDER_ROLE_* bits allowed; 0 = no token needed */
-    bool roles_from_config;    /* reflection: roles come from auth.reflection_role */
+    unsigned roles;         /* ORDER_ROLE_* bits allowed; 0 = no token needed */
+    bool roles_from_config; /* reflection: roles come from auth.reflection_role */
     /** Unary: handles a request and fills the reply. */
     void (*unary)(srv_call *c, const uint8_t *req, size_t len, srv_reply *r);
     /** Streams: called once the call is authenticated; drives itself from events. */
@@ -79,26 +79,26 @@ struct srv_call {
     grpc_call_details details;
     grpc_metadata_array md;
     int refs;
-    bool cancelled;            /* RECV_CLOSE_ON_SERVER said so */
-    int close_cancelled;       /* RECV_CLOSE_ON_SERVER writes here */
+    bool cancelled;      /* RECV_CLOSE_ON_SERVER said so */
+    int close_cancelled; /* RECV_CLOSE_ON_SERVER writes here */
     bool sent_initial_md;
     bool status_sent;
     bool send_in_flight;
     bool recv_in_flight;
     srv_tag tag_new, tag_recv, tag_send, tag_close;
-    grpc_byte_buffer *recv_bb;     /* RECV_MESSAGE target */
-    grpc_byte_buffer *send_bb;     /* SEND_MESSAGE in flight */
-    grpc_slice status_slice;       /* SEND_STATUS details in flight */
+    grpc_byte_buffer *recv_bb; /* RECV_MESSAGE target */
+    grpc_byte_buffer *send_bb; /* SEND_MESSAGE in flight */
+    grpc_slice status_slice;   /* SEND_STATUS details in flight */
     grpc_metadata trailing[1];
     size_t ntrailing;
     order_ctx ctx;
-    order_error *err;              /* heap; large */
+    order_error *err; /* heap; large */
     char request_id[65];
     char method_name[128];
     int64_t start_mono_us;
     grpc_status_code final_code;
     srv_call *next_stream, *prev_stream; /* worker's list of open streams */
-    void *stream_state;            /* owned by the stream's method */
+    void *stream_state;                  /* owned by the stream's method */
     void (*stream_free)(void *);
 };
 
@@ -110,8 +110,8 @@ struct srv_worker {
     struct store *store;
     order_payments *local_pay;
     order_service svc;
-    srv_call *streams;             /* open streaming calls on this worker */
-    int posted;                    /* grpc_server_request_call()s outstanding */
+    srv_call *streams; /* open streaming calls on this worker */
+    int posted;        /* grpc_server_request_call()s outstanding */
 };
 
 struct srv_server {
@@ -121,9 +121,9 @@ struct srv_server {
     grpc_completion_queue *shutdown_cq;
     srv_worker *workers;
     int nworkers;
-    atomic_bool draining;          /* a shutdown signal arrived: take what is queued */
-    atomic_bool shutting_down;     /* the core is shutting down: post no more requests */
-    atomic_int health;             /* HealthCheckResponse.ServingStatus */
+    atomic_bool draining;      /* a shutdown signal arrived: take what is queued */
+    atomic_bool shutting_down; /* the core is shutting down: post no more requests */
+    atomic_int health;         /* HealthCheckResponse.ServingStatus */
     pthread_t health_thread;
     atomic_bool health_stop;
 };

@@ -284,9 +284,10 @@ static void answer(srv_call *c, const Grpc__Reflection__V1__ServerReflectionRequ
             snprintf(msg, sizeof msg, "symbol not found: %.256s", req->file_containing_symbol);
         break;
     case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_CONTAINING_EXTENSION:
-        snprintf(msg, sizeof msg, "extension not found: %.200s(%d)",
-                 req->file_containing_extension ? req->file_containing_extension->containing_type : "",
-                 req->file_containing_extension ? req->file_containing_extension->extension_number : 0);
+        snprintf(
+            msg, sizeof msg, "extension not found: %.200s(%d)",
+            req->file_containing_extension ? req->file_containing_extension->containing_type : "",
+            req->file_containing_extension ? req->file_containing_extension->extension_number : 0);
         break;
     case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_ALL_EXTENSION_NUMBERS_OF_TYPE:
         if (is_message(req->all_extension_numbers_of_type)) {

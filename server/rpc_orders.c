@@ -111,12 +111,12 @@ static void product_to_pb(Orders__V1__Product *m, const order_product *p)
     m->active = p->active;
 }
 
-#define DECODE(type, fn, req, len, r, name)                                                  \
-    type *m = fn(NULL, len, req);                                                            \
-    if (!m) {                                                                                \
-        srv_reply_error(r, GRPC_STATUS_INVALID_ARGUMENT,                                     \
-                        "the request is not a valid " name " message");                     \
-        return;                                                                              \
+#define DECODE(type, fn, req, len, r, name)                                                        \
+    type *m = fn(NULL, len, req);                                                                  \
+    if (!m) {                                                                                      \
+        srv_reply_error(r, GRPC_STATUS_INVALID_ARGUMENT,                                           \
+                        "the request is not a valid " name " message");                            \
+        return;                                                                                    \
     }
 
 /* ---- handlers ---- */
@@ -196,8 +196,8 @@ static void list_scope(const srv_call *c, const Orders__V1__ListOrdersRequest *m
     for (size_t i = 0; i < m->n_statuses; i++)
         if (m->statuses[i] > 0 && m->statuses[i] <= ORDER_STATUS_MAX)
             set |= ORDER_STATUS_BIT(m->statuses[i]);
-    const char *cust = order_caller_is_privileged(&c->ctx.caller) ? m->customer_id
-                                                                  : c->ctx.caller.subject;
+    const char *cust =
+        order_caller_is_privileged(&c->ctx.caller) ? m->customer_id : c->ctx.caller.subject;
     snprintf(buf, cap, "orders.list|c=%s|s=%u", cust, set);
 }
 
@@ -293,8 +293,8 @@ void srv_rpc_cancel_order(srv_call *c, const uint8_t *req, size_t len, srv_reply
 
 void srv_rpc_confirm_payment(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
 {
-    DECODE(Orders__V1__ConfirmPaymentRequest, orders__v1__confirm_payment_request__unpack, req,
-           len, r, "orders.v1.ConfirmPaymentRequest");
+    DECODE(Orders__V1__ConfirmPaymentRequest, orders__v1__confirm_payment_request__unpack, req, len,
+           r, "orders.v1.ConfirmPaymentRequest");
     order_t o = {0};
     if (order_confirm_payment(&c->w->svc, &c->ctx, m->order_id, (order_provider)m->provider,
                               m->payment_reference, &o) == ORDER_OK)
@@ -324,8 +324,8 @@ void srv_rpc_update_order_status(srv_call *c, const uint8_t *req, size_t len, sr
 
 void srv_rpc_upsert_product(srv_call *c, const uint8_t *req, size_t len, srv_reply *r)
 {
-    DECODE(Orders__V1__UpsertProductRequest, orders__v1__upsert_product_request__unpack, req,
-           len, r, "orders.v1.UpsertProductRequest");
+    DECODE(Orders__V1__UpsertProductRequest, orders__v1__upsert_product_request__unpack, req, len,
+           r, "orders.v1.UpsertProductRequest");
     if (!m->product) {
         order_violate(c->err, "product", "must be set");
         order_fail(c->err, ORDER_EINVAL, "invalid product");

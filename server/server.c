@@ -28,14 +28,19 @@
 
 /* ---- the method table ---- */
 
-#define ROLES_ANY (ORDER_ROLE_CUSTOMER | ORDER_ROLE_SERVICE | ORDER_ROLE_ADMIN)
+#define ROLES_ANY  (ORDER_ROLE_CUSTOMER | ORDER_ROLE_SERVICE | ORDER_ROLE_ADMIN)
 #define ROLES_PRIV (ORDER_ROLE_SERVICE | ORDER_ROLE_ADMIN)
 
-#define UNARY(p, r, fn) {.path = (p), .kind = METHOD_UNARY, .roles = (r), .unary = (fn)}
-#define STREAM(p, k, r, cfg, pre)                                                            \
-    {.path = (p), .kind = (k), .roles = (r), .roles_from_config = (cfg),                     \
-     .stream_start = pre##_start, .stream_recv = pre##_recv, .stream_sent = pre##_sent,       \
-     .stream_tick = pre##_tick}
+#define UNARY(p, r, fn)                                                                            \
+    {                                                                                              \
+        .path = (p), .kind = METHOD_UNARY, .roles = (r), .unary = (fn)                             \
+    }
+#define STREAM(p, k, r, cfg, pre)                                                                  \
+    {                                                                                              \
+        .path = (p), .kind = (k), .roles = (r), .roles_from_config = (cfg),                        \
+        .stream_start = pre##_start, .stream_recv = pre##_recv, .stream_sent = pre##_sent,         \
+        .stream_tick = pre##_tick                                                                  \
+    }
 
 static const srv_method methods[] = {
     UNARY("/orders.v1.OrderService/PlaceOrder", ROLES_ANY, srv_rpc_place_order),
@@ -157,8 +162,8 @@ static void set_request_id(srv_call *c)
         bool ok = true;
         for (size_t i = 0; i < len; i++) {
             char ch = v[i];
-            if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-                  ch == '-' || ch == '_' || ch == '.' || ch == ':'))
+            if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                  (ch >= '0' && ch <= '9') || ch == '-' || ch == '_' || ch == '.' || ch == ':'))
                 ok = false;
         }
         if (ok) {
@@ -178,16 +183,15 @@ static void access_log(srv_call *c, grpc_status_code code, const char *message)
 {
     double ms = (double)(clock_mono_us() - c->start_mono_us) / 1000.0;
     log_level lvl = (code == GRPC_STATUS_INTERNAL || code == GRPC_STATUS_UNKNOWN) ? LOG_ERROR
-                    : code == GRPC_STATUS_UNAVAILABLE                            ? LOG_WARN
-                                                                                 : LOG_INFO;
+                    : code == GRPC_STATUS_UNAVAILABLE                             ? LOG_WARN
+                                                                                  : LOG_INFO;
     if (!log_enabled(lvl))
         return;
-    log_kv(lvl, "call", LOG_F_STR, "request_id", c->request_id, LOG_F_STR, "method",
-           c->method_name, LOG_F_STR, "caller", c->ctx.caller.subject[0] ? c->ctx.caller.subject : NULL,
-           LOG_F_STR, "status", srv_status_name(code), LOG_F_INT, "code", (int64_t)code,
-           LOG_F_DBL, "duration_ms", ms, LOG_F_STR, "error",
-           code == GRPC_STATUS_OK ? NULL : message, LOG_F_INT, "worker", (int64_t)c->w->index,
-           LOG_F_END);
+    log_kv(lvl, "call", LOG_F_STR, "request_id", c->request_id, LOG_F_STR, "method", c->method_name,
+           LOG_F_STR, "caller", c->ctx.caller.subject[0] ? c->ctx.caller.subject : NULL, LOG_F_STR,
+           "status", srv_status_name(code), LOG_F_INT, "code", (int64_t)code, LOG_F_DBL,
+           "duration_ms", ms, LOG_F_STR, "error", code == GRPC_STATUS_OK ? NULL : message,
+           LOG_F_INT, "worker", (int64_t)c->w->index, LOG_F_END);
 }
 
 /* Sends status (with initial metadata if never sent, #18) and an optional message. */
@@ -255,7 +259,8 @@ void srv_reply_error(srv_reply *r, grpc_status_code code, const char *fmt, ...)
 
 void srv_reply_domain(srv_reply *r, order_error *err)
 {
-    srv_reply_error(r, srv_status_for(err->code), "%s", err->message[0] ? err->message : order_code_name(err->code));
+    srv_reply_error(r, srv_status_for(err->code), "%s",
+                    err->message[0] ? err->message : order_code_name(err->code));
     r->err = err;
 }
 
@@ -404,8 +409,8 @@ static void post_request(srv_worker *w)
             log_msgf(LOG_ERROR, "out of memory: worker %d cannot accept calls", w->index);
             return;
         }
-        grpc_call_error e = grpc_server_request_call(w->srv->server, &c->call, &c->details,
-                                                     &c->md, w->cq, w->cq, &c->tag_new);
+        grpc_call_error e = grpc_server_request_call(w->srv->server, &c->call, &c->details, &c->md,
+                                                     w->cq, w->cq, &c->tag_new);
         if (e != GRPC_CALL_OK) {
             log_kv(LOG_ERROR, "grpc_server_request_call failed", LOG_F_INT, "error", (int64_t)e,
                    LOG_F_END);
@@ -581,8 +586,8 @@ static void *worker_main(void *arg)
     srv_worker *w = arg;
     post_request(w);
     for (;;) {
-        gpr_timespec until = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                          gpr_time_from_millis(TICK_MS, GPR_TIMESPAN));
+        gpr_timespec until =
+            gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(TICK_MS, GPR_TIMESPAN));
         grpc_event ev = grpc_completion_queue_next(w->cq, until, NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
@@ -593,10 +598,18 @@ static void *worker_main(void *arg)
         srv_tag *tag = ev.tag;
         srv_call *c = tag->call;
         switch (tag->kind) {
-        case TAG_NEW_CALL: on_new_call(w, c, ev.success); break;
-        case TAG_RECV: on_recv(w, c, ev.success); break;
-        case TAG_SEND: on_send(c, ev.success); break;
-        case TAG_CLOSE: on_close(c); break;
+        case TAG_NEW_CALL:
+            on_new_call(w, c, ev.success);
+            break;
+        case TAG_RECV:
+            on_recv(w, c, ev.success);
+            break;
+        case TAG_SEND:
+            on_send(c, ev.success);
+            break;
+        case TAG_CLOSE:
+            on_close(c);
+            break;
         }
     }
     return NULL;
@@ -745,16 +758,15 @@ out:
          * polling, then cancel what is left. */
         static int shutdown_tag;
         grpc_server_shutdown_and_notify(srv.server, srv.shutdown_cq, &shutdown_tag);
-        gpr_timespec grace = gpr_time_add(
-            gpr_now(GPR_CLOCK_MONOTONIC),
-            gpr_time_from_micros(cfg->shutdown_grace_us, GPR_TIMESPAN));
+        gpr_timespec grace =
+            gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                         gpr_time_from_micros(cfg->shutdown_grace_us, GPR_TIMESPAN));
         /* shutdown_cq is a NEXT queue that only ever carries this one tag. */
         grpc_event ev = grpc_completion_queue_next(srv.shutdown_cq, grace, NULL);
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
             log_msgf(LOG_WARN, "grace period over: cancelling the calls still running");
             grpc_server_cancel_all_calls(srv.server);
-            grpc_completion_queue_next(srv.shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                       NULL);
+            grpc_completion_queue_next(srv.shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         }
     } else if (srv.server) {
         static int shutdown_tag2;

@@ -17,26 +17,48 @@
 grpc_status_code srv_status_for(int code)
 {
     switch (code) {
-    case ORDER_OK: return GRPC_STATUS_OK;
-    case ORDER_EINVAL: return GRPC_STATUS_INVALID_ARGUMENT;
-    case ORDER_ENOTFOUND: return GRPC_STATUS_NOT_FOUND;
-    case ORDER_EPERM: return GRPC_STATUS_PERMISSION_DENIED;
-    case ORDER_EPRECONDITION: return GRPC_STATUS_FAILED_PRECONDITION;
-    case ORDER_EIDEMPOTENCY: return GRPC_STATUS_FAILED_PRECONDITION;
-    case ORDER_EUNAVAILABLE: return GRPC_STATUS_UNAVAILABLE;
-    case ORDER_EDEADLINE: return GRPC_STATUS_DEADLINE_EXCEEDED;
-    case ORDER_EABORTED: return GRPC_STATUS_ABORTED;
-    default: return GRPC_STATUS_INTERNAL;
+    case ORDER_OK:
+        return GRPC_STATUS_OK;
+    case ORDER_EINVAL:
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    case ORDER_ENOTFOUND:
+        return GRPC_STATUS_NOT_FOUND;
+    case ORDER_EPERM:
+        return GRPC_STATUS_PERMISSION_DENIED;
+    case ORDER_EPRECONDITION:
+        return GRPC_STATUS_FAILED_PRECONDITION;
+    case ORDER_EIDEMPOTENCY:
+        return GRPC_STATUS_FAILED_PRECONDITION;
+    case ORDER_EUNAVAILABLE:
+        return GRPC_STATUS_UNAVAILABLE;
+    case ORDER_EDEADLINE:
+        return GRPC_STATUS_DEADLINE_EXCEEDED;
+    case ORDER_EABORTED:
+        return GRPC_STATUS_ABORTED;
+    default:
+        return GRPC_STATUS_INTERNAL;
     }
 }
 
 const char *srv_status_name(grpc_status_code code)
 {
     static const char *const names[] = {
-        "OK",           "CANCELLED",        "UNKNOWN",           "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED", "NOT_FOUND",   "ALREADY_EXISTS",    "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",  "OUT_OF_RANGE",
-        "UNIMPLEMENTED", "INTERNAL",        "UNAVAILABLE",       "DATA_LOSS",
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
         "UNAUTHENTICATED",
     };
     if ((int)code >= 0 && (size_t)code < sizeof names / sizeof *names)
@@ -98,8 +120,7 @@ uint8_t *srv_status_details(grpc_status_code code, const char *message, const or
             }
             br.n_field_violations = n;
             br.field_violations = fvp;
-            if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.BadRequest",
-                         &br.base))
+            if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.BadRequest", &br.base))
                 nany++;
         }
     }
@@ -114,11 +135,11 @@ uint8_t *srv_status_details(grpc_status_code code, const char *message, const or
         pv.type = (char *)err->precondition_type;
         pv.subject = (char *)err->precondition_subject;
         snprintf(desc, sizeof desc, "current status is %s", status_enum_name(err->current_status));
-        pv.description = strcmp(err->precondition_type, "ORDER_VERSION") == 0 ? (char *)err->message : desc;
+        pv.description =
+            strcmp(err->precondition_type, "ORDER_VERSION") == 0 ? (char *)err->message : desc;
         pf.n_violations = 1;
         pf.violations = &pvp;
-        if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.PreconditionFailure",
-                     &pf.base))
+        if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.PreconditionFailure", &pf.base))
             nany++;
     }
 

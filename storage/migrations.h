@@ -5,9 +5,9 @@
 #include <stddef.h>
 
 struct store_migration {
-    int version;        /* the number the file name starts with */
-    const char *name;   /* the file name */
-    const char *sql;    /* the whole file, run in one transaction */
+    int version;      /* the number the file name starts with */
+    const char *name; /* the file name */
+    const char *sql;  /* the whole file, run in one transaction */
 };
 
 extern const struct store_migration store_migrations[];

@@ -582,10 +582,31 @@ static int repo_order_list(void *self, order_ctx *ctx, const order_list_query *q
 
 /* ---- changes ---- */
 
+static int transition_once(struct store *s, order_ctx *ctx, const order_transition *t,
+                           order_t *out);
+
+/* How often a transition that lost a race inside PostgreSQL is tried again. Under READ
+ * COMMITTED the UPDATE can match nothing while it waits for the row lock (it re-checks the
+ * row version it locked) and the read-back then shows a status the transition allows.
+ * Nothing was written, so trying again is safe; only a persistent race becomes ABORTED. */
+#define TRANSITION_ATTEMPTS 3
+
 static int repo_order_transition(void *self, order_ctx *ctx, const order_transition *t,
                                  order_t *out)
 {
-    struct store *s = self;
+    int rc = ORDER_EABORTED;
+    for (int attempt = 0; attempt < TRANSITION_ATTEMPTS && rc == ORDER_EABORTED; attempt++) {
+        if (attempt > 0) {
+            order_clear(out);
+            order_error_reset(ctx->err);
+        }
+        rc = transition_once(self, ctx, t, out);
+    }
+    return rc;
+}
+
+static int transition_once(struct store *s, order_ctx *ctx, const order_transition *t, order_t *out)
+{
     const char *to = order_status_name(t->to);
     if (!to || !t->from_set)
         return order_fail(ctx->err, ORDER_EINTERNAL, "bad transition (to %d, from set %#x)",
