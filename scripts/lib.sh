@@ -37,7 +37,7 @@ pg_bindir() {
 # ---- logging -----------------------------------------------------------------
 _stage_t0=0
 _stage_name=""
-log() { printf '%s\n' "$*" >&2; }
+log() { printf '%s\n' "$*" >&2 || true; } # never fatal: stderr may be a dead pipe
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 stage_begin() {

@@ -21,7 +21,11 @@ orderd_alive() { [ -n "$ORDERD_PID" ] && kill -0 "$ORDERD_PID" 2>/dev/null; }
 # shellcheck disable=SC2317 # called from traps
 cleanup() {
   local rc=$? i
-  trap '' INT TERM HUP # finish cleaning up; a second Ctrl-C must not leave servers behind
+  set +e # every step below must run, whatever failed before or fails now
+  trap '' INT TERM HUP
+  # If our output is a dead pipe, send the rest to /dev/null: the scripts run below would
+  # otherwise stop at their first failed write (set -e) and leave servers behind.
+  if ! printf 'run: cleaning up\n' >&2 2>/dev/null; then exec >/dev/null 2>&1; fi # finish cleaning up; a second Ctrl-C must not leave servers behind
   if orderd_alive; then
     # Only on an error path: a signal has been forwarded already and waited for.
     log "run: stopping orderd (pid $ORDERD_PID)"
@@ -52,6 +56,9 @@ on_signal() {
   fi
 }
 trap cleanup EXIT
+# A dead reader of our output (`scripts/run.sh | tee log`, then Ctrl-C kills tee) must
+# not kill this script by SIGPIPE before it has stopped orderd and the stack.
+trap '' PIPE
 trap 'on_signal INT 130' INT
 trap 'on_signal TERM 143' TERM
 trap 'on_signal TERM 129' HUP
