@@ -48,6 +48,7 @@
 #include <grpc/support/time.h>
 
 #include "grpc/health/v1/health.pb-c.h"
+#include "common/rpc_status.h"
 #include "orders/v1/orders.pb-c.h"
 
 /* ---- what the tool can call ---------------------------------------------------------- */
@@ -66,28 +67,20 @@ static const char *const kind_path[BK_COUNT] = {
 
 /* Error buckets: the 17 gRPC codes (0 unused), then our own checks. */
 enum { ERR_DECODE = 17, ERR_CHECK = 18, ERR_CALL = 19, ERR_COUNT = 20 };
-static const char *const err_name[ERR_COUNT] = {
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-    "DECODE", /* status OK but no message, or a message that does not decode */
-    "CHECK",  /* decoded, but not the answer asked for (wrong order, NOT_SERVING, ...) */
-    "CALL",   /* the batch was refused or completed with success=0 */
-};
+/* Names of the error buckets: gRPC's own codes, then ours. */
+static const char *err_name(int bucket)
+{
+    switch (bucket) {
+    case ERR_DECODE:
+        return "DECODE"; /* status OK but no message, or one that does not decode */
+    case ERR_CHECK:
+        return "CHECK"; /* decoded, but not the answer asked for */
+    case ERR_CALL:
+        return "CALL"; /* the batch was refused or completed with success=0 */
+    default:
+        return rpc_status_name(bucket);
+    }
+}
 
 #define FIRST_ERRORS 5
 
@@ -471,7 +464,7 @@ static void note_error(struct bench_worker *w, int bucket, const char *detail)
 {
     if (w->errors[bucket]++ == 0 && w->n_first_errors < FIRST_ERRORS) {
         char buf[512];
-        snprintf(buf, sizeof buf, "%s: %s", err_name[bucket], detail);
+        snprintf(buf, sizeof buf, "%s: %s", err_name(bucket), detail);
         w->first_errors[w->n_first_errors++] = xstrdup(buf);
     }
 }
@@ -905,7 +898,7 @@ static int seed_products(const struct bench_opts *o, grpc_channel *ch)
             } else {
                 char *d = grpc_slice_to_c_string(details);
                 fprintf(stderr, "orderd-bench: UpsertProduct %s: %s: %s\n", p.product_id,
-                        (int)status >= 0 && (int)status <= 16 ? err_name[status] : "?", d);
+                        (int)status >= 0 && (int)status <= 16 ? err_name((int)status) : "?", d);
                 gpr_free(d);
             }
         } else {
@@ -976,7 +969,7 @@ static void print_human(FILE *f, const struct bench_opts *o, const struct bench_
         bool first = true;
         for (int e = 1; e < ERR_COUNT; e++)
             if (res->errors[e]) {
-                fprintf(f, "%s%s=%" PRIu64, first ? "" : " ", err_name[e], res->errors[e]);
+                fprintf(f, "%s%s=%" PRIu64, first ? "" : " ", err_name(e), res->errors[e]);
                 first = false;
             }
         fputs(")", f);
@@ -1035,7 +1028,7 @@ static void print_json(FILE *f, const struct bench_opts *o, const struct bench_r
     bool first = true;
     for (int e = 1; e < ERR_COUNT; e++)
         if (res->errors[e]) {
-            fprintf(f, "%s\"%s\":%" PRIu64, first ? "" : ",", err_name[e], res->errors[e]);
+            fprintf(f, "%s\"%s\":%" PRIu64, first ? "" : ",", err_name(e), res->errors[e]);
             first = false;
         }
     fprintf(f, "},\"elapsed_s\":%.3f,\"client_cpu_s\":%.3f,\"preload_calls\":%" PRIu64,

@@ -119,6 +119,9 @@ typedef enum order_pay_status {
 const char *order_status_name(order_status s);
 const char *order_provider_name(order_provider p);
 const char *order_pay_status_name(order_pay_status s);
+/** The contract's name of a status ("ORDER_STATUS_PAID"), for messages to callers;
+ *  "ORDER_STATUS_UNSPECIFIED" for anything unknown. */
+const char *order_status_enum_name(int s);
 /** Inverse of the above; 0 (UNSPECIFIED) if the name is unknown. */
 order_status order_status_parse(const char *name);
 order_provider order_provider_parse(const char *name);

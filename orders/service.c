@@ -61,16 +61,6 @@ static int load_visible(order_service *svc, order_ctx *ctx, const char *id, orde
     return rc;
 }
 
-static const char *status_upper(order_status s)
-{
-    static const char *const names[] = {
-        "ORDER_STATUS_UNSPECIFIED", "ORDER_STATUS_PENDING",   "ORDER_STATUS_PAID",
-        "ORDER_STATUS_SHIPPED",     "ORDER_STATUS_DELIVERED", "ORDER_STATUS_CANCELLED",
-        "ORDER_STATUS_EXPIRED",     "ORDER_STATUS_FAILED",
-    };
-    return (s >= 0 && s <= ORDER_STATUS_MAX) ? names[s] : "ORDER_STATUS_UNSPECIFIED";
-}
-
 /* FAILED_PRECONDITION naming the current status, as the contract promises. */
 static int fail_status(order_ctx *ctx, const order_t *o, const char *what)
 {
@@ -79,7 +69,7 @@ static int fail_status(order_ctx *ctx, const order_t *o, const char *what)
     snprintf(e->precondition_type, sizeof e->precondition_type, "ORDER_STATUS");
     snprintf(e->precondition_subject, sizeof e->precondition_subject, "%s", o->id);
     return order_fail(e, ORDER_EPRECONDITION, "cannot %s: order is %s", what,
-                      status_upper(o->status));
+                      order_status_enum_name(o->status));
 }
 
 static order_payments *provider_of(order_service *svc, order_provider p)

@@ -118,6 +118,16 @@ static int parse_in(const char *const *tab, size_t n, const char *name)
     return 0;
 }
 
+const char *order_status_enum_name(int s)
+{
+    static const char *const names[] = {
+        "ORDER_STATUS_UNSPECIFIED", "ORDER_STATUS_PENDING",   "ORDER_STATUS_PAID",
+        "ORDER_STATUS_SHIPPED",     "ORDER_STATUS_DELIVERED", "ORDER_STATUS_CANCELLED",
+        "ORDER_STATUS_EXPIRED",     "ORDER_STATUS_FAILED",
+    };
+    return (s >= 0 && s <= ORDER_STATUS_MAX) ? names[s] : names[0];
+}
+
 order_status order_status_parse(const char *name)
 {
     return (order_status)parse_in(status_names, sizeof status_names / sizeof *status_names, name);

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/rpc_status.h"
 #include "google/rpc/error_details.pb-c.h"
 #include "google/rpc/status.pb-c.h"
 #include "server/internal.h"
@@ -42,38 +43,7 @@ grpc_status_code srv_status_for(int code)
 
 const char *srv_status_name(grpc_status_code code)
 {
-    static const char *const names[] = {
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    };
-    if ((int)code >= 0 && (size_t)code < sizeof names / sizeof *names)
-        return names[code];
-    return "UNKNOWN";
-}
-
-static const char *status_enum_name(int s)
-{
-    static const char *const names[] = {
-        "ORDER_STATUS_UNSPECIFIED", "ORDER_STATUS_PENDING",   "ORDER_STATUS_PAID",
-        "ORDER_STATUS_SHIPPED",     "ORDER_STATUS_DELIVERED", "ORDER_STATUS_CANCELLED",
-        "ORDER_STATUS_EXPIRED",     "ORDER_STATUS_FAILED",
-    };
-    return (s >= 0 && s <= ORDER_STATUS_MAX) ? names[s] : names[0];
+    return rpc_status_name((int)code);
 }
 
 /* Packs msg into an Any; the Any owns the packed bytes. */
@@ -134,7 +104,8 @@ uint8_t *srv_status_details(grpc_status_code code, const char *message, const or
         google__rpc__precondition_failure__violation__init(&pv);
         pv.type = (char *)err->precondition_type;
         pv.subject = (char *)err->precondition_subject;
-        snprintf(desc, sizeof desc, "current status is %s", status_enum_name(err->current_status));
+        snprintf(desc, sizeof desc, "current status is %s",
+                 order_status_enum_name(err->current_status));
         pv.description =
             strcmp(err->precondition_type, "ORDER_VERSION") == 0 ? (char *)err->message : desc;
         pf.n_violations = 1;
@@ -158,7 +129,7 @@ uint8_t *srv_status_details(grpc_status_code code, const char *message, const or
         if (err && err->current_status) {
             google__rpc__error_info__metadata_entry__init(&me);
             me.key = (char *)"current_status";
-            me.value = (char *)status_enum_name(err->current_status);
+            me.value = (char *)order_status_enum_name(err->current_status);
             ei.n_metadata = 1;
             ei.metadata = &mep;
         }
