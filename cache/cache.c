@@ -18,6 +18,7 @@
 #include "cache/internal.h"
 
 #include <assert.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +26,32 @@
 
 #include "common/clock.h"
 #include "common/log.h"
+
+/* Epoch bumps owed by this process. A lost cache write on any worker leaves a possibly
+ * stale entry that every worker of the process could serve, including workers whose own
+ * connection never broke; so the debt is process-wide: whichever cache next reaches
+ * Redis pays it (INCR epoch) before doing anything else. Generation counters rather than
+ * a flag, so that a failure recorded while a bump is in flight is never lost. */
+static atomic_uint_fast64_t bumps_owed;
+static atomic_uint_fast64_t bumps_paid;
+
+void cache__owe_bump(void)
+{
+    atomic_fetch_add(&bumps_owed, 1);
+}
+
+static bool bump_owed(uint64_t *gen)
+{
+    *gen = atomic_load(&bumps_owed);
+    return atomic_load(&bumps_paid) < *gen;
+}
+
+static void bump_paid(uint64_t gen)
+{
+    uint_fast64_t cur = atomic_load(&bumps_paid);
+    while (cur < gen && !atomic_compare_exchange_weak(&bumps_paid, &cur, gen))
+        ;
+}
 
 #define PREFIX_MAX         128       /* key_prefix length bound (keys are built in buffers) */
 #define ERROR_LOG_EVERY_US 1000000LL /* at most one "unexpected reply" line a second */
@@ -207,7 +234,9 @@ static int connect_now(struct cache *c, const char *op)
         cache__cmd_plain(&cmds[n], "SELECT");
         cache__arg_int(&cmds[n++], c->database);
     }
-    if (c->dirty) {
+    uint64_t owed_gen = 0;
+    bool owed = bump_owed(&owed_gen);
+    if (c->dirty || owed) {
         /* Before anything else on this connection: a write of ours was lost while Redis
          * was out of reach, so an entry older than PostgreSQL may be there. Moving the
          * epoch orphans every entry (they expire by TTL) and refuses fills in flight. */
@@ -248,6 +277,7 @@ static int connect_now(struct cache *c, const char *op)
     }
     if (bump_at >= 0) {
         c->dirty = false;
+        bump_paid(owed_gen);
         CACHE__COUNT(c, epoch_bumps);
         log_kv(LOG_INFO, "redis cache epoch bumped after a lost write", LOG_F_INT, "epoch",
                (int64_t)rep[bump_at]->integer, LOG_F_END);
@@ -278,8 +308,32 @@ fail:
     return -1;
 }
 
+/* Pays an epoch bump owed by another worker of this process on a live connection. */
+static int pay_bump(struct cache *c, uint64_t gen)
+{
+    cache__cmd cmd;
+    redisReply *rep = NULL;
+    cache__cmd_plain(&cmd, "INCR");
+    cache__arg_str(&cmd, c->epoch_key);
+    if (pipeline(c->rc, NULL, &cmd, 1, &rep) != 0 || rep->type != REDIS_REPLY_INTEGER) {
+        if (rep)
+            freeReplyObject(rep);
+        cache__drop(c, "epoch bump", c->rc->errstr[0] ? c->rc->errstr : "bad reply");
+        return -1;
+    }
+    bump_paid(gen);
+    CACHE__COUNT(c, epoch_bumps);
+    log_kv(LOG_INFO, "redis cache epoch bumped after a lost write", LOG_F_INT, "epoch",
+           (int64_t)rep->integer, LOG_F_END);
+    freeReplyObject(rep);
+    return 0;
+}
+
 int cache__ensure(struct cache *c)
 {
+    uint64_t gen;
+    if (c->rc && bump_owed(&gen))
+        return pay_bump(c, gen);
     if (c->rc)
         return 0;
     if (clock_mono_us() < c->next_attempt_us)

@@ -122,6 +122,9 @@ struct cache {
 
 /** Ensures a connection (back-off permitting). 0 if connected, -1 if down. */
 int cache__ensure(struct cache *c);
+/** Records that an epoch bump is owed by this process (a cache write was lost); the next
+ *  cache of the process to reach Redis pays it before anything else. */
+void cache__owe_bump(void);
 
 /**
  * Sends cmds[0..n) as one pipeline (one round trip) and reads their replies into

@@ -86,6 +86,7 @@ static int take_prefetch(struct cache *c, const char *order_id, cache__entry *e)
 static void mark_dirty(struct cache *c, const char *op)
 {
     c->dirty = true;
+    cache__owe_bump(); /* every worker of the process must stop trusting old entries */
     if (c->rc)
         cache__drop(c, op, "a write was refused: reconnecting to bump the epoch");
 }

@@ -167,6 +167,24 @@ done:
     finish(&l);
 }
 
+void log_fields(log_level lvl, const char *msg, const char *const *keys, const char *const *values,
+                size_t n)
+{
+    if (!log_enabled(lvl))
+        return;
+    line l;
+    begin(&l, lvl, msg);
+    for (size_t i = 0; i < n; i++) {
+        if (!values[i])
+            continue;
+        put(&l, ",", 1);
+        put_json_str(&l, keys[i]);
+        put(&l, ":", 1);
+        put_json_str(&l, values[i]);
+    }
+    finish(&l);
+}
+
 void log_msgf(log_level lvl, const char *fmt, ...)
 {
     if (!log_enabled(lvl))

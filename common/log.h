@@ -10,6 +10,7 @@
 #define ORDERD_COMMON_LOG_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 typedef enum log_level { LOG_DEBUG = 0, LOG_INFO = 1, LOG_WARN = 2, LOG_ERROR = 3 } log_level;
@@ -31,6 +32,11 @@ extern log_level log__min_level;
  * LOG_F_INT takes an int64_t, LOG_F_DBL a double, LOG_F_STR a const char * (NULL skipped).
  */
 void log_kv(log_level lvl, const char *msg, ...);
+
+/** Writes one line with n string fields given as parallel arrays (for field lists built
+ *  at run time, such as the configuration). NULL values are skipped. */
+void log_fields(log_level lvl, const char *msg, const char *const *keys, const char *const *values,
+                size_t n);
 
 /** printf-style message with no extra fields. */
 void log_msgf(log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -114,6 +114,28 @@ static const setting settings[] = {
     {"orders.page_token_secret_file", ST_PATH, 0, "", FIELD(page_token_secret_file)},
 
     {"log.level", ST_LOGLEVEL, 0, "info", FIELD(log_level)},
+
+    {"redis.host", ST_STRING, 0, "127.0.0.1", FIELD(redis_host)},
+    {"redis.port", ST_INT, 0, "6379", FIELD(redis_port), .min = 1, .max = 65535},
+    {"redis.database", ST_INT, 0, "0", FIELD(redis_database), .min = 0, .max = 1023},
+    {"redis.password", ST_SECRET, SF_SECRET | SF_ENV_ONLY, NULL, FIELD(redis_password),
+     .len_offset = offsetof(srv_config, redis_password_len)},
+    {"redis.password_file", ST_PATH, 0, "", FIELD(redis_password_file)},
+    {"redis.tls", ST_BOOL, 0, "false", FIELD(redis_tls)},
+    {"redis.timeout", ST_DURATION, 0, "5ms", FIELD(redis_timeout_us), .min = 100, .max = 10 * US_S},
+    {"redis.reconnect_backoff_max", ST_DURATION, 0, "2s", FIELD(redis_backoff_max_us),
+     .min = 10 * US_MS, .max = 5 * US_M},
+
+    {"cache.enabled", ST_BOOL, 0, "true", FIELD(cache_enabled)},
+    {"cache.order_ttl", ST_DURATION, 0, "5m", FIELD(cache_order_ttl_us), .min = US_S, .max = 7 * US_D},
+    {"cache.key_prefix", ST_STRING, 0, "orderd:", FIELD(cache_key_prefix)},
+
+    {"ratelimit.enabled", ST_BOOL, 0, "true", FIELD(ratelimit_enabled)},
+    {"ratelimit.replicas", ST_INT, 0, "1", FIELD(ratelimit_replicas), .min = 1, .max = 10000},
+    {"ratelimit.customer", ST_STRING, 0, "20/40", FIELD(ratelimit_customer)},
+    {"ratelimit.service", ST_STRING, 0, "1000/2000", FIELD(ratelimit_service)},
+    {"ratelimit.admin", ST_STRING, 0, "100/200", FIELD(ratelimit_admin)},
+    {"ratelimit.overrides", ST_STRING, 0, "", FIELD(ratelimit_overrides)},
 };
 // clang-format on
 #define NSETTINGS (sizeof settings / sizeof settings[0])
@@ -754,6 +776,9 @@ static int load_secrets(srv_config *cfg, unsigned flags, char *err, size_t errle
                          &cfg->page_token_secret, &cfg->page_token_secret_len, flags, err,
                          errlen) != 0)
         return -1;
+    if (load_secret_file("redis.password_file", cfg->redis_password_file, &cfg->redis_password,
+                         &cfg->redis_password_len, flags, err, errlen) != 0)
+        return -1;
     if (cfg->rs256_public_key_file[0]) {
         char *pem;
         size_t len;
@@ -865,6 +890,7 @@ void srv_config_dispose(srv_config *cfg)
         wipe_free(cfg->pg_dsn, strlen(cfg->pg_dsn));
     wipe_free(cfg->hs256_secret, cfg->hs256_secret_len);
     wipe_free(cfg->page_token_secret, cfg->page_token_secret_len);
+    wipe_free(cfg->redis_password, cfg->redis_password_len);
     free(cfg->rs256_public_key_pem);
     memset(cfg, 0, sizeof *cfg);
 }
@@ -1066,12 +1092,15 @@ void srv_config_log(const srv_config *cfg)
     char v[NSETTINGS][512];
     for (size_t i = 0; i < NSETTINGS; i++)
         format_value(&settings[i], cfg, v[i], sizeof v[i]);
-    /* log_kv takes a fixed list: one V(i) per row. Adding a row means adding a V here. */
-    _Static_assert(NSETTINGS == 21, "srv_config_log lists every setting");
-#define V(i) LOG_F_STR, settings[i].name, v[i]
-    log_kv(LOG_INFO, "configuration", LOG_F_STR, "config", cfg->path[0] ? cfg->path : "(none)",
-           V(0), V(1), V(2), V(3), V(4), V(5), V(6), V(7), V(8), V(9), V(10), V(11), V(12), V(13),
-           V(14), V(15), V(16), V(17), V(18), V(19), V(20), LOG_F_STR, "auth.rs256_public_key",
-           cfg->rs256_public_key_pem ? "(set)" : "(unset)", LOG_F_END);
-#undef V
+    const char *keys[NSETTINGS + 3], *vals[NSETTINGS + 3];
+    size_t n = 0;
+    keys[n] = "config";
+    vals[n++] = cfg->path[0] ? cfg->path : "(none)";
+    for (size_t i = 0; i < NSETTINGS; i++) {
+        keys[n] = settings[i].name;
+        vals[n++] = v[i];
+    }
+    keys[n] = "auth.rs256_public_key";
+    vals[n++] = cfg->rs256_public_key_pem ? "(set)" : "(unset)";
+    log_fields(LOG_INFO, "configuration", keys, vals, n);
 }

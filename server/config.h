@@ -13,6 +13,7 @@
 #define ORDERD_SERVER_CONFIG_H
 
 #include <limits.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -60,11 +61,35 @@ typedef struct srv_config {
 
     log_level log_level;
 
+    /* redis */
+    char redis_host[256];
+    int redis_port;
+    int redis_database;
+    unsigned char *redis_password; /* heap; NULL if none */
+    size_t redis_password_len;
+    bool redis_tls;               /* refused at start: Debian 12's hiredis has no TLS */
+    int64_t redis_timeout_us;     /* bound of one Redis call */
+    int64_t redis_backoff_max_us; /* reconnect back-off cap */
+
+    /* cache */
+    bool cache_enabled;
+    int64_t cache_order_ttl_us;
+    char cache_key_prefix[64];
+
+    /* ratelimit: "rate/burst" per role, overrides "Method[:role]=rate/burst,..." */
+    bool ratelimit_enabled;
+    int ratelimit_replicas; /* the local fallback divides the rates by this */
+    char ratelimit_customer[32];
+    char ratelimit_service[32];
+    char ratelimit_admin[32];
+    char ratelimit_overrides[1024];
+
     /* Where secrets were looked for: absolute paths, "" = not configured. Shown by
      * srv_config_log; the secrets themselves are above. */
     char hs256_secret_file[PATH_MAX];
     char rs256_public_key_file[PATH_MAX];
     char page_token_secret_file[PATH_MAX];
+    char redis_password_file[PATH_MAX];
 } srv_config;
 
 /**

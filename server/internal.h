@@ -27,6 +27,8 @@
 #include "server/config.h"
 
 struct store;
+struct cache;
+typedef struct srv_limits srv_limits;
 typedef struct srv_server srv_server;
 typedef struct srv_worker srv_worker;
 typedef struct srv_call srv_call;
@@ -38,6 +40,9 @@ typedef struct srv_reply {
     grpc_byte_buffer *body; /* the packed response; owned by the reply until sent */
     order_error *err;       /* domain error to turn into google.rpc.Status details, or NULL */
     const char *reason;     /* ErrorInfo reason when err is NULL, or NULL */
+    int64_t retry_after_us; /* > 0: RetryInfo and QuotaFailure details (rate limits) */
+    char quota_subject[ORDER_CUSTOMER_MAX + 16];
+    char quota_description[160];
 } srv_reply;
 
 typedef enum srv_tag_kind {
@@ -60,6 +65,7 @@ typedef struct srv_method {
     srv_method_kind kind;
     unsigned roles;         /* ORDER_ROLE_* bits allowed; 0 = no token needed */
     bool roles_from_config; /* reflection: roles come from auth.reflection_role */
+    const char *rl_class;   /* rate-limit class ("read", "write", "admin"); NULL = never */
     /** Unary: handles a request and fills the reply. */
     void (*unary)(srv_call *c, const uint8_t *req, size_t len, srv_reply *r);
     /** Streams: called once the call is authenticated; drives itself from events. */
@@ -108,6 +114,8 @@ struct srv_worker {
     grpc_completion_queue *cq;
     pthread_t thread;
     struct store *store;
+    struct cache *cache;    /* NULL when neither the cache nor rate limits are on */
+    order_store store_port; /* the PostgreSQL store; svc.store may wrap it */
     order_payments *local_pay;
     order_service svc;
     srv_call *streams; /* open streaming calls on this worker */
@@ -117,6 +125,7 @@ struct srv_worker {
 struct srv_server {
     const srv_config *cfg;
     srv_auth *auth;
+    srv_limits *limits;
     grpc_server *server;
     grpc_completion_queue *shutdown_cq;
     srv_worker *workers;
@@ -146,12 +155,29 @@ void srv_reply_error(srv_reply *r, grpc_status_code code, const char *fmt, ...)
 /** Maps a domain error to the reply (status code, message, details). */
 void srv_reply_domain(srv_reply *r, order_error *err);
 
+/* ratelimit.c */
+int srv_limits_create(const srv_config *cfg, srv_limits **out, char *err, size_t errlen);
+void srv_limits_destroy(srv_limits *l);
+void srv_limits_stats(const srv_limits *l, uint64_t *fallback_decisions, uint64_t *refused);
+/** The rate-limit interceptor: true to go on; false with r set to RESOURCE_EXHAUSTED.
+ *  prefetch_order_id: GetOrder's id, fetched from the cache in the same round trip. */
+bool srv_ratelimit_check(srv_call *c, srv_reply *r, const char *prefetch_order_id);
+
+/* rpc_orders.c: the cache's codec (orders as orders.v1.Order bytes) */
+uint8_t *srv_order_encode(const order_t *o, size_t *len);
+bool srv_order_decode(const uint8_t *bytes, size_t len, order_t *out);
+/** GetOrder's order_id, for the prefetch; false if the request does not decode. */
+bool srv_get_order_peek_id(const uint8_t *req, size_t len, char id[ORDER_ID_LEN + 1]);
+
 /* status.c */
 /** gRPC status for a domain code. */
 grpc_status_code srv_status_for(int order_code);
 /** Serialized google.rpc.Status for a failed reply; *len set. Caller frees. NULL if none. */
 uint8_t *srv_status_details(grpc_status_code code, const char *message, const order_error *err,
                             const char *reason, size_t *len);
+/** Serialized google.rpc.Status with RetryInfo and QuotaFailure (rate limits). */
+uint8_t *srv_status_details_quota(const char *message, int64_t retry_after_us, const char *subject,
+                                  const char *description, size_t *len);
 /** Canonical name ("INVALID_ARGUMENT") of a gRPC status code. */
 const char *srv_status_name(grpc_status_code code);
 

@@ -372,3 +372,87 @@ void srv_rpc_get_product(srv_call *c, const uint8_t *req, size_t len, srv_reply 
     }
     orders__v1__get_product_request__free_unpacked(m, NULL);
 }
+
+/* ---- the cache's codec: orders as orders.v1.Order bytes ---- */
+
+uint8_t *srv_order_encode(const order_t *o, size_t *len)
+{
+    pb_order p;
+    uint8_t *buf = NULL;
+    if (pb_order_fill(&p, o)) {
+        *len = orders__v1__order__get_packed_size(&p.msg);
+        buf = malloc(*len ? *len : 1);
+        if (buf)
+            orders__v1__order__pack(&p.msg, buf);
+    }
+    pb_order_dispose(&p);
+    return buf;
+}
+
+static int64_t ts_to_us(const Google__Protobuf__Timestamp *ts)
+{
+    return ts ? ts->seconds * 1000000 + ts->nanos / 1000 : 0;
+}
+
+/* Copies a protobuf string into a fixed field; false if it does not fit. */
+static bool copy_str(char *dst, size_t cap, const char *src)
+{
+    size_t n = strlen(src);
+    if (n >= cap)
+        return false;
+    memcpy(dst, src, n + 1);
+    return true;
+}
+
+bool srv_order_decode(const uint8_t *bytes, size_t len, order_t *out)
+{
+    Orders__V1__Order *m = orders__v1__order__unpack(NULL, len, bytes);
+    if (!m)
+        return false;
+    bool ok = copy_str(out->id, sizeof out->id, m->order_id) &&
+              copy_str(out->customer_id, sizeof out->customer_id, m->customer_id) &&
+              copy_str(out->currency, sizeof out->currency, m->currency) &&
+              copy_str(out->cancel_reason, sizeof out->cancel_reason, m->cancel_reason);
+    out->status = (order_status)m->status;
+    out->subtotal_minor = m->subtotal_minor;
+    out->tax_minor = m->tax_minor;
+    out->total_minor = m->total_minor;
+    out->created_at_us = ts_to_us(m->created_at);
+    out->updated_at_us = ts_to_us(m->updated_at);
+    out->version = m->version;
+    if (ok && m->payment) {
+        out->pay_provider = (order_provider)m->payment->provider;
+        out->pay_status = (order_pay_status)m->payment->status;
+        out->paid_at_us = ts_to_us(m->payment->paid_at);
+        ok = copy_str(out->pay_reference, sizeof out->pay_reference, m->payment->reference);
+    }
+    if (ok && m->n_items) {
+        out->items = calloc(m->n_items, sizeof *out->items);
+        ok = out->items != NULL;
+        for (size_t i = 0; ok && i < m->n_items; i++) {
+            order_item *it = &out->items[i];
+            ok = copy_str(it->product_id, sizeof it->product_id, m->items[i]->product_id) &&
+                 copy_str(it->name, sizeof it->name, m->items[i]->name);
+            it->quantity = m->items[i]->quantity;
+            it->unit_price_minor = m->items[i]->unit_price_minor;
+            it->line_total_minor = m->items[i]->line_total_minor;
+            out->nitems = i + 1;
+        }
+    }
+    orders__v1__order__free_unpacked(m, NULL);
+    if (!ok)
+        order_clear(out);
+    return ok;
+}
+
+bool srv_get_order_peek_id(const uint8_t *req, size_t len, char id[ORDER_ID_LEN + 1])
+{
+    Orders__V1__GetOrderRequest *m = orders__v1__get_order_request__unpack(NULL, len, req);
+    if (!m)
+        return false;
+    bool ok = order_id_valid(m->order_id);
+    if (ok)
+        memcpy(id, m->order_id, ORDER_ID_LEN + 1);
+    orders__v1__get_order_request__free_unpacked(m, NULL);
+    return ok;
+}

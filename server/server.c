@@ -15,6 +15,7 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include "cache/cache.h"
 #include "common/clock.h"
 #include "common/log.h"
 #include "payments/payments.h"
@@ -31,9 +32,9 @@
 #define ROLES_ANY  (ORDER_ROLE_CUSTOMER | ORDER_ROLE_SERVICE | ORDER_ROLE_ADMIN)
 #define ROLES_PRIV (ORDER_ROLE_SERVICE | ORDER_ROLE_ADMIN)
 
-#define UNARY(p, r, fn)                                                                            \
+#define UNARY(p, r, cls, fn)                                                                       \
     {                                                                                              \
-        .path = (p), .kind = METHOD_UNARY, .roles = (r), .unary = (fn)                             \
+        .path = (p), .kind = METHOD_UNARY, .roles = (r), .rl_class = (cls), .unary = (fn)          \
     }
 #define STREAM(p, k, r, cfg, pre)                                                                  \
     {                                                                                              \
@@ -42,16 +43,20 @@
         .stream_tick = pre##_tick                                                                  \
     }
 
+/* Rate-limit classes: reads, writes and catalogue upkeep are budgeted separately; health
+ * and reflection are never limited. */
 static const srv_method methods[] = {
-    UNARY("/orders.v1.OrderService/PlaceOrder", ROLES_ANY, srv_rpc_place_order),
-    UNARY("/orders.v1.OrderService/GetOrder", ROLES_ANY, srv_rpc_get_order),
-    UNARY("/orders.v1.OrderService/ListOrders", ROLES_ANY, srv_rpc_list_orders),
-    UNARY("/orders.v1.OrderService/CancelOrder", ROLES_ANY, srv_rpc_cancel_order),
-    UNARY("/orders.v1.OrderService/ConfirmPayment", ROLES_ANY, srv_rpc_confirm_payment),
-    UNARY("/orders.v1.OrderService/UpdateOrderStatus", ROLES_PRIV, srv_rpc_update_order_status),
-    UNARY("/orders.v1.OrderService/UpsertProduct", ORDER_ROLE_ADMIN, srv_rpc_upsert_product),
-    UNARY("/orders.v1.OrderService/GetProduct", ROLES_ANY, srv_rpc_get_product),
-    UNARY("/grpc.health.v1.Health/Check", 0, srv_health_check),
+    UNARY("/orders.v1.OrderService/PlaceOrder", ROLES_ANY, "write", srv_rpc_place_order),
+    UNARY("/orders.v1.OrderService/GetOrder", ROLES_ANY, "read", srv_rpc_get_order),
+    UNARY("/orders.v1.OrderService/ListOrders", ROLES_ANY, "read", srv_rpc_list_orders),
+    UNARY("/orders.v1.OrderService/CancelOrder", ROLES_ANY, "write", srv_rpc_cancel_order),
+    UNARY("/orders.v1.OrderService/ConfirmPayment", ROLES_ANY, "write", srv_rpc_confirm_payment),
+    UNARY("/orders.v1.OrderService/UpdateOrderStatus", ROLES_PRIV, "write",
+          srv_rpc_update_order_status),
+    UNARY("/orders.v1.OrderService/UpsertProduct", ORDER_ROLE_ADMIN, "admin",
+          srv_rpc_upsert_product),
+    UNARY("/orders.v1.OrderService/GetProduct", ROLES_ANY, "read", srv_rpc_get_product),
+    UNARY("/grpc.health.v1.Health/Check", 0, NULL, srv_health_check),
     STREAM("/grpc.health.v1.Health/Watch", METHOD_SERVER_STREAM, 0, false, srv_health_watch),
     STREAM("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", METHOD_BIDI, 0, true,
            srv_reflection),
@@ -277,7 +282,10 @@ void srv_call_reply(srv_call *c, srv_reply *r)
                             len);
         }
     }
-    if (r->code != GRPC_STATUS_OK)
+    if (r->code != GRPC_STATUS_OK && r->retry_after_us > 0)
+        details = srv_status_details_quota(r->message, r->retry_after_us, r->quota_subject,
+                                           r->quota_description, &dlen);
+    else if (r->code != GRPC_STATUS_OK)
         details = srv_status_details(r->code, r->message, r->err, r->reason, &dlen);
     send_final(c, r->code == GRPC_STATUS_OK ? r->body : NULL, r->code, r->message, details, dlen);
     if (r->code != GRPC_STATUS_OK && r->body)
@@ -429,8 +437,16 @@ static void run_unary(srv_call *c, const uint8_t *req, size_t len)
     } else if (order_ctx_remaining_us(&c->ctx) <= 0) {
         srv_reply_error(&r, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline exceeded before the call ran");
     } else {
+        /* The rate-limit interceptor runs once the request is here: for GetOrder the limiter
+         * and the cache lookup then share one Redis round trip. */
+        char id[ORDER_ID_LEN + 1];
+        const char *prefetch = NULL;
+        if (c->method->unary == srv_rpc_get_order && c->w->srv->cfg->cache_enabled &&
+            srv_get_order_peek_id(req, len, id))
+            prefetch = id;
         order_error_reset(c->err);
-        c->method->unary(c, req, len, &r);
+        if (srv_ratelimit_check(c, &r, prefetch))
+            c->method->unary(c, req, len, &r);
     }
     srv_call_reply(c, &r);
 }
@@ -574,6 +590,11 @@ static void on_close(srv_call *c)
 
 static void worker_tick(srv_worker *w)
 {
+    /* An idle worker re-opens a lost Redis connection too (back-off permitting): if one of
+     * its cache writes failed during the outage, reconnecting bumps the epoch, which must
+     * not wait for this worker's next call while other replicas serve old entries. */
+    if (w->cache)
+        cache_up(w->cache);
     for (srv_call *c = w->streams, *next; c; c = next) {
         next = c->next_stream;
         c->method->stream_tick(c);
@@ -617,6 +638,8 @@ static void *worker_main(void *arg)
 
 /* ---- start and stop ---- */
 
+static const cache_codec order_codec = {srv_order_encode, srv_order_decode};
+
 static int worker_init(srv_server *srv, srv_worker *w, int index)
 {
     char err[256] = "";
@@ -630,7 +653,36 @@ static int worker_init(srv_server *srv, srv_worker *w, int index)
     }
     w->svc.cfg.tax_rate_bps = srv->cfg->tax_rate_bps;
     w->svc.cfg.max_total_minor = srv->cfg->max_total_minor;
-    store_order_port(w->store, &w->svc.store);
+    store_order_port(w->store, &w->store_port);
+    w->svc.store = w->store_port;
+    const srv_config *cfg = srv->cfg;
+    if (cfg->cache_enabled || cfg->ratelimit_enabled) {
+        /* The password is kept with its length; hiredis wants a C string. */
+        char password[512] = "";
+        if (cfg->redis_password && cfg->redis_password_len < sizeof password) {
+            memcpy(password, cfg->redis_password, cfg->redis_password_len);
+            password[cfg->redis_password_len] = '\0';
+        }
+        cache_options co = {
+            .host = cfg->redis_host,
+            .port = cfg->redis_port,
+            .database = cfg->redis_database,
+            .password = password,
+            .timeout_us = cfg->redis_timeout_us,
+            .backoff_min_us = 100 * 1000,
+            .backoff_max_us = cfg->redis_backoff_max_us,
+            .key_prefix = cfg->cache_key_prefix,
+            .order_ttl_us = cfg->cache_order_ttl_us,
+        };
+        w->cache = cache_open(&co, err, sizeof err);
+        explicit_bzero(password, sizeof password);
+        if (!w->cache) {
+            log_kv(LOG_ERROR, "cannot set up the Redis cache", LOG_F_STR, "error", err, LOG_F_END);
+            return -1;
+        }
+        if (cfg->cache_enabled)
+            cache_store_wrap(w->cache, &w->store_port, &order_codec, &w->svc.store);
+    }
     if (strcmp(srv->cfg->environment, "production") != 0) {
         w->local_pay = pay_local_create(w->store, srv->cfg->environment, err, sizeof err);
         if (!w->local_pay) {
@@ -654,6 +706,7 @@ static void worker_dispose(srv_worker *w)
         grpc_completion_queue_destroy(w->cq);
     }
     pay_local_destroy(w->local_pay);
+    cache_close(w->cache);
     store_close(w->store);
 }
 
@@ -694,9 +747,23 @@ int srv_server_run(const srv_config *cfg, const sigset_t *wait_for)
                LOG_F_END);
         return 1;
     }
+    if (cfg->redis_tls) {
+        log_kv(LOG_ERROR, "redis.tls is not available", LOG_F_STR, "error",
+               "Debian 12's hiredis (0.14) has no TLS; reach a remote Redis "
+               "through a TLS tunnel on loopback (stunnel, spiped) and set redis.tls: false",
+               LOG_F_END);
+        srv_reflection_dispose();
+        return 1;
+    }
+    if (srv_limits_create(cfg, &srv.limits, err, sizeof err) != 0) {
+        log_kv(LOG_ERROR, "bad rate-limit settings", LOG_F_STR, "error", err, LOG_F_END);
+        srv_reflection_dispose();
+        return 1;
+    }
     srv.auth = srv_auth_create(cfg, err, sizeof err);
     if (!srv.auth) {
         log_kv(LOG_ERROR, "cannot set up authentication", LOG_F_STR, "error", err, LOG_F_END);
+        srv_limits_destroy(srv.limits);
         srv_reflection_dispose();
         return 1;
     }
@@ -792,6 +859,7 @@ out:
         ;
     grpc_completion_queue_destroy(srv.shutdown_cq);
     srv_auth_destroy(srv.auth);
+    srv_limits_destroy(srv.limits);
     srv_reflection_dispose();
     if (rc == 0)
         log_msgf(LOG_INFO, "orderd stopped");

@@ -156,3 +156,51 @@ uint8_t *srv_status_details(grpc_status_code code, const char *message, const or
     free(fvp);
     return out;
 }
+
+uint8_t *srv_status_details_quota(const char *message, int64_t retry_after_us, const char *subject,
+                                  const char *description, size_t *len)
+{
+    Google__Rpc__Status st;
+    google__rpc__status__init(&st);
+    st.code = GRPC_STATUS_RESOURCE_EXHAUSTED;
+    st.message = (char *)(message ? message : "");
+
+    /* RetryInfo: how long to wait; waiting that long and retrying succeeds. */
+    Google__Protobuf__Duration delay;
+    google__protobuf__duration__init(&delay);
+    delay.seconds = retry_after_us / 1000000;
+    delay.nanos = (int32_t)((retry_after_us % 1000000) * 1000);
+    Google__Rpc__RetryInfo ri;
+    google__rpc__retry_info__init(&ri);
+    ri.retry_delay = &delay;
+
+    /* QuotaFailure: whose budget, and what it is. */
+    Google__Rpc__QuotaFailure__Violation v, *vp = &v;
+    google__rpc__quota_failure__violation__init(&v);
+    v.subject = (char *)subject;
+    v.description = (char *)description;
+    Google__Rpc__QuotaFailure qf;
+    google__rpc__quota_failure__init(&qf);
+    qf.n_violations = 1;
+    qf.violations = &vp;
+
+    Google__Protobuf__Any anys[2], *ptrs[2] = {&anys[0], &anys[1]};
+    size_t nany = 0;
+    if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.RetryInfo", &ri.base))
+        nany++;
+    if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.QuotaFailure", &qf.base))
+        nany++;
+    st.n_details = nany;
+    st.details = ptrs;
+    size_t n = google__rpc__status__get_packed_size(&st);
+    uint8_t *out = malloc(n ? n : 1);
+    if (out) {
+        google__rpc__status__pack(&st, out);
+        *len = n;
+    } else {
+        *len = 0;
+    }
+    for (size_t i = 0; i < nany; i++)
+        free(anys[i].value.data);
+    return out;
+}

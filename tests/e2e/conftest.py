@@ -7,13 +7,22 @@ Environment:
   ORDERD_REPO         the checkout (default: two levels up from here)
   ORDERD_E2E_PG_DSN   the suite's database (default host=127.0.0.1 port=55432
                       dbname=orderd_e2e user=orderd); created if missing
+  ORDERD_E2E_REDIS    the session's Redis, host:port (default 127.0.0.1:56379, the
+                      stack's); when nothing answers there, the suite starts a private
+                      redis-server on a free port for the session
+The session's orderd runs with its cache and rate limits on, limits high enough never to
+refuse (100000/100000 for every role, no overrides), and a key prefix of its own
+(e2e-<random>:), so runs never see each other's keys; its keys are deleted at the end.
+Tests that kill or stop Redis start their own redis-server and orderd (test_cache.py).
 Tests never truncate: every test uses its own customers, request ids and, where it
 changes them, its own products, so tests are independent and runs can repeat.
 """
 
+import contextlib
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import tempfile
 import uuid
@@ -56,17 +65,48 @@ class Caller:
 class E2E:
     """What the tests get: the running server, an Api on it, tokens and products."""
 
-    def __init__(self, server, env, secret, page_secret, logdir):
+    def __init__(self, server, env, secret, page_secret, logdir, redis):
         self.server = server
         self.env = env
         self.secret = secret
         self.page_secret = page_secret
         self.logdir = logdir
+        self.redis_host, self.redis_port = redis
+        self.key_prefix = env["ORDERD_CACHE_KEY_PREFIX"]
         self.api = e2e.Api(server.channel)
         self.admin = self.caller("e2e-admin", ["admin"])
         self.service = self.caller("e2e-checkout", ["service"])
         self.run = uuid.uuid4().hex[:8]
         self.products = {}
+
+    def redis_scan(self, pattern):
+        """Keys of the session's Redis matching `pattern`."""
+        return e2e.redis_scan(self.redis_host, self.redis_port, pattern)
+
+    def cached_keys(self, order_id):
+        """The session server's cache keys of an order ("<prefix>o:<epoch>:<id>")."""
+        return self.redis_scan(e2e.order_key_pattern(self.key_prefix, order_id))
+
+    @contextlib.contextmanager
+    def instance(self, name, env=None):
+        """Another `orderd serve` on the suite's database with the session's settings
+        changed by `env` (ORDERD_* variables; a fresh cache key prefix unless given).
+        Yields the e2e.Orderd once it is SERVING; on leaving, SIGTERM and exit code 0."""
+        full = dict(self.env)
+        full["ORDERD_CACHE_KEY_PREFIX"] = "e2e-%s:" % uuid.uuid4().hex[:12]
+        full.update(env or {})
+        srv = e2e.Orderd(full, self.logdir, "%s-%s" % (name, uuid.uuid4().hex[:6])).start()
+        try:
+            srv.wait_health(e2e.health_pb2.HealthCheckResponse.SERVING, timeout=20)
+            srv.api = e2e.Api(srv.channel)
+            srv.key_prefix = full["ORDERD_CACHE_KEY_PREFIX"]
+            yield srv
+        except BaseException:
+            srv.stop(timeout=15)
+            raise
+        rc = srv.stop(timeout=15)
+        assert rc == 0, "%s did not exit 0 after SIGTERM (rc=%s)\n%s" % (
+            srv.name, rc, srv.log_tail())
 
     # -- callers
     def caller(self, sub, roles):
@@ -135,6 +175,31 @@ _PRODUCTS = {
 BULK = 101
 
 
+def _session_redis(logdir):
+    """(host, port, RedisServer or None): ORDERD_E2E_REDIS when it answers, else a private
+    redis-server started for the session."""
+    spec = os.environ.get("ORDERD_E2E_REDIS", "127.0.0.1:56379")
+    host, _, port = spec.rpartition(":")
+    if not host or not port.isdigit():
+        pytest.exit("ORDERD_E2E_REDIS must be host:port, not %r" % spec, 2)
+    if e2e.redis_ping(host, int(port), timeout=1.0):
+        return host, int(port), None
+    if not shutil.which("redis-server"):
+        pytest.exit("no Redis at %s and no redis-server to start one" % spec, 2)
+    own = e2e.RedisServer(logdir, "redis-session").start()
+    return own.host, own.port, own
+
+
+def _drop_keys(host, port, prefix):
+    """Deletes the session's keys from a shared Redis (best effort)."""
+    try:
+        keys = e2e.redis_scan(host, port, prefix + "*")
+        for i in range(0, len(keys), 500):
+            e2e.redis_cli(host, port, "DEL", *keys[i:i + 500])
+    except Exception as e:  # noqa: BLE001 - clean-up only
+        print("could not delete the session's Redis keys (%s*): %s" % (prefix, e))
+
+
 @pytest.fixture(scope="session")
 def orderd():
     if not (os.path.isfile(e2e.BIN) and os.access(e2e.BIN, os.X_OK)):
@@ -144,6 +209,20 @@ def orderd():
     page_secret = secrets.token_hex(32)
     env = e2e.base_env(e2e.PG_DSN, secret, page_secret)
     logdir = tempfile.mkdtemp(prefix="orderd-e2e-")
+    redis_host, redis_port, own_redis = _session_redis(logdir)
+    prefix = "e2e-%s:" % uuid.uuid4().hex[:12]
+    env.update({
+        "ORDERD_REDIS_HOST": redis_host,
+        "ORDERD_REDIS_PORT": str(redis_port),
+        "ORDERD_CACHE_ENABLED": "true",
+        "ORDERD_CACHE_KEY_PREFIX": prefix,
+        "ORDERD_RATELIMIT_ENABLED": "true",
+        "ORDERD_RATELIMIT_CUSTOMER": "100000/100000",
+        "ORDERD_RATELIMIT_SERVICE": "100000/100000",
+        "ORDERD_RATELIMIT_ADMIN": "100000/100000",
+        "ORDERD_RATELIMIT_OVERRIDES": "",
+        "ORDERD_RATELIMIT_REPLICAS": "1",
+    })
 
     mig = e2e.run_cli(["migrate"], env, timeout=120)
     assert mig.returncode == 0, "orderd migrate failed (%d)\nstdout:\n%s\nstderr:\n%s" % (
@@ -153,7 +232,7 @@ def orderd():
     _SESSION["server"] = server
     try:
         server.wait_health(e2e.health_pb2.HealthCheckResponse.SERVING, timeout=20)
-        ctx = E2E(server, env, secret, page_secret, logdir)
+        ctx = E2E(server, env, secret, page_secret, logdir, (redis_host, redis_port))
         for key, (name, price, cur, active) in _PRODUCTS.items():
             pid = "e2e-%s-%s" % (ctx.run, key.replace("_", "-"))
             ctx.products[key] = ctx.upsert(pid, name, price, cur, active)
@@ -163,12 +242,18 @@ def orderd():
                                            "Bulk item %d" % i, 1, "EUR")
     except BaseException:
         server.kill()
+        if own_redis:
+            own_redis.kill()
         raise
 
     yield ctx
 
     rc = server.stop(timeout=15)
     _SESSION.pop("server", None)
+    if own_redis:
+        own_redis.kill()
+    else:
+        _drop_keys(redis_host, redis_port, prefix)
     assert rc == 0, "orderd did not exit 0 within 15 s of SIGTERM (rc=%s)\n%s" % (
         rc, server.log_tail())
 

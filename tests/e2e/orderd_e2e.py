@@ -164,13 +164,14 @@ _DETAIL_TYPES = {
     "ErrorInfo": errd_pb2.ErrorInfo,
     "PreconditionFailure": errd_pb2.PreconditionFailure,
     "RetryInfo": errd_pb2.RetryInfo,
+    "QuotaFailure": errd_pb2.QuotaFailure,
 }
 
 
 def detail(err, kind):
-    """The first detail of `kind` ("BadRequest", "ErrorInfo", "PreconditionFailure") in
-    the error's google.rpc.Status, unpacked; asserts that it is there and that the
-    Status agrees with the call's status code."""
+    """The first detail of `kind` ("BadRequest", "ErrorInfo", "PreconditionFailure",
+    "RetryInfo", "QuotaFailure") in the error's google.rpc.Status, unpacked; asserts that
+    it is there and that the Status agrees with the call's status code."""
     st = status_details(err)
     assert st is not None, "no grpc-status-details-bin trailer on %s: %s" % (
         err.code(), err.details())
@@ -377,3 +378,101 @@ def call_all(fns):
     for t in threads:
         t.join()
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Redis
+
+
+def redis_ping(host, port, timeout=0.5):
+    """True if a Redis answers PING on host:port within `timeout`."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def redis_cli(host, port, *args, timeout=10):
+    """Runs redis-cli against host:port; returns its stdout (text). Fails on an error."""
+    r = subprocess.run(["redis-cli", "-h", host, "-p", str(port)] + [str(a) for a in args],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, "redis-cli %s: exit %d: %s" % (args, r.returncode, r.stderr)
+    return r.stdout
+
+
+def redis_scan(host, port, pattern):
+    """Keys matching `pattern` (redis-cli --scan --pattern), sorted."""
+    return sorted(k for k in redis_cli(host, port, "--scan", "--pattern", pattern).split("\n")
+                  if k)
+
+
+def order_key_pattern(prefix, order_id):
+    """The cache key of an order: "<prefix>o:<epoch>:<order_id>" (cache/cache.h)."""
+    return "%so:*:%s" % (prefix, order_id)
+
+
+class RedisServer:
+    """A private redis-server on a loopback port: no persistence, killed at the end.
+    SIGKILL / SIGSTOP / SIGCONT it, and restart it on the same port."""
+
+    def __init__(self, logdir, name, port=None):
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.log_path = os.path.join(logdir, "%s.log" % name)
+        self.dir = logdir
+        self.name = name
+        self.proc = None
+        self.stopped = False
+
+    @property
+    def addr(self):
+        return "%s:%d" % (self.host, self.port)
+
+    def start(self, timeout=10.0):
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", self.host,
+             "--save", "", "--appendonly", "no", "--daemonize", "no",
+             "--dir", self.dir, "--logfile", self.log_path],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.stopped = False
+        deadline = time.monotonic() + timeout
+        while not redis_ping(self.host, self.port):
+            if self.proc.poll() is not None:
+                raise AssertionError("%s exited with %s at start\n%s" % (
+                    self.name, self.proc.returncode, tail(self.log_path, 20)))
+            assert time.monotonic() < deadline, "%s: no PONG within %.0fs\n%s" % (
+                self.name, timeout, tail(self.log_path, 20))
+            time.sleep(0.02)
+        return self
+
+    def kill(self):
+        """SIGKILL: gone at once, its data with it (no persistence)."""
+        if self.proc is not None and self.proc.poll() is None:
+            if self.stopped:
+                self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+        self.stopped = False
+
+    def restart(self, timeout=10.0):
+        """Starts again on the same port (after kill)."""
+        return self.start(timeout)
+
+    def pause(self):
+        """SIGSTOP: connections stay open, nothing answers; data is kept."""
+        self.proc.send_signal(signal.SIGSTOP)
+        self.stopped = True
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+        self.stopped = False
+
+    def cli(self, *args):
+        return redis_cli(self.host, self.port, *args)
+
+    def scan(self, pattern):
+        return redis_scan(self.host, self.port, pattern)

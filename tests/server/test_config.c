@@ -360,6 +360,48 @@ static void test_unknown_env_variable_warns(void **state)
     free(out);
 }
 
+/* Issue 3's sections: Redis, the cache and rate limits, from the file and the environment;
+ * the Redis password only from the environment or its file, and never in the log line. */
+static void test_redis_cache_ratelimit_settings(void **state)
+{
+    (void)state;
+    write_config("redis:\n  host: 10.1.2.3\n  port: 7000\n  database: 3\n  timeout: 2ms\n"
+                 "  reconnect_backoff_max: 500ms\n  tls: false\n"
+                 "cache:\n  enabled: false\n  order_ttl: 90s\n  key_prefix: \"t:\"\n"
+                 "ratelimit:\n  enabled: true\n  replicas: 3\n  customer: 7/9\n"
+                 "  overrides: \"PlaceOrder:customer=1/2\"\n");
+    setenv("ORDERD_RATELIMIT_ADMIN", "5/6", 1);
+    setenv("ORDERD_REDIS_PASSWORD", "redis-pass-from-env", 1);
+    assert_int_equal(load(0), 0);
+    assert_string_equal(cfg.redis_host, "10.1.2.3");
+    assert_int_equal(cfg.redis_port, 7000);
+    assert_int_equal(cfg.redis_database, 3);
+    assert_int_equal(cfg.redis_timeout_us, 2000);
+    assert_int_equal(cfg.redis_backoff_max_us, 500000);
+    assert_false(cfg.redis_tls);
+    assert_false(cfg.cache_enabled);
+    assert_int_equal(cfg.cache_order_ttl_us, 90 * 1000000LL);
+    assert_string_equal(cfg.cache_key_prefix, "t:");
+    assert_true(cfg.ratelimit_enabled);
+    assert_int_equal(cfg.ratelimit_replicas, 3);
+    assert_string_equal(cfg.ratelimit_customer, "7/9");
+    assert_string_equal(cfg.ratelimit_service, "1000/2000"); /* the default */
+    assert_string_equal(cfg.ratelimit_admin, "5/6");
+    assert_string_equal(cfg.ratelimit_overrides, "PlaceOrder:customer=1/2");
+    assert_int_equal(cfg.redis_password_len, strlen("redis-pass-from-env"));
+    assert_memory_equal(cfg.redis_password, "redis-pass-from-env", cfg.redis_password_len);
+    capture cap = capture_begin();
+    srv_config_log(&cfg);
+    char *logged = capture_end(cap);
+    assert_null(strstr(logged, "redis-pass-from-env"));
+    assert_non_null(strstr(logged, "\"redis.password\":\"(set)\""));
+    free(logged);
+
+    write_config("redis:\n  password: hunter2\n");
+    assert_int_equal(load(0), -1);
+    assert_null(strstr(err, "hunter2"));
+}
+
 static void test_unknown_key_has_line(void **state)
 {
     (void)state;
@@ -373,9 +415,9 @@ static void test_unknown_key_has_line(void **state)
     assert_contains(err, ":2:");
     assert_contains(err, "\"verbose\"");
 
-    write_config("server:\n  workers: 2\ncache:\n  ttl: 1s\n");
+    write_config("server:\n  workers: 2\nmemcache:\n  ttl: 1s\n");
     assert_int_equal(load(0), -1);
-    assert_contains(err, ":3: unknown section \"cache\"");
+    assert_contains(err, ":3: unknown section \"memcache\"");
 
     write_config("server.listen: x:1\n");
     assert_int_equal(load(0), -1);
@@ -836,6 +878,7 @@ int main(void)
         T(test_env_overrides_win),
         T(test_env_bad_value_names_variable),
         T(test_unknown_env_variable_warns),
+        T(test_redis_cache_ratelimit_settings),
         T(test_unknown_key_has_line),
         T(test_out_of_range_names_key_line_range),
         T(test_shape_errors),
