@@ -61,6 +61,29 @@ static bool any_pack(Google__Protobuf__Any *any, const char *type, const Protobu
     return true;
 }
 
+/* Packs a google.rpc.Status holding anys[0..nany) and frees the Anys' packed bytes.
+ * Returns the malloc'd bytes (NULL on allocation failure) and their length in *len. */
+static uint8_t *status_pack(Google__Rpc__Status *st, Google__Protobuf__Any *anys, size_t nany,
+                            size_t *len)
+{
+    Google__Protobuf__Any *ptrs[4];
+    for (size_t i = 0; i < nany; i++)
+        ptrs[i] = &anys[i];
+    st->n_details = nany;
+    st->details = nany ? ptrs : NULL;
+    size_t n = google__rpc__status__get_packed_size(st);
+    uint8_t *out = malloc(n ? n : 1);
+    if (out) {
+        google__rpc__status__pack(st, out);
+        *len = n;
+    } else {
+        *len = 0;
+    }
+    for (size_t i = 0; i < nany; i++)
+        free(anys[i].value.data);
+    return out;
+}
+
 uint8_t *srv_status_details(grpc_status_code code, const char *message, const order_error *err,
                             const char *reason, size_t *len)
 {
@@ -70,7 +93,6 @@ uint8_t *srv_status_details(grpc_status_code code, const char *message, const or
     st.message = (char *)(message ? message : "");
 
     Google__Protobuf__Any anys[3];
-    Google__Protobuf__Any *any_ptrs[3];
     size_t nany = 0;
 
     /* BadRequest: every field violation, as the domain found them. */
@@ -137,21 +159,7 @@ uint8_t *srv_status_details(grpc_status_code code, const char *message, const or
             nany++;
     }
 
-    for (size_t i = 0; i < nany; i++)
-        any_ptrs[i] = &anys[i];
-    st.n_details = nany;
-    st.details = nany ? any_ptrs : NULL;
-
-    size_t n = google__rpc__status__get_packed_size(&st);
-    uint8_t *out = malloc(n ? n : 1);
-    if (out) {
-        google__rpc__status__pack(&st, out);
-        *len = n;
-    } else {
-        *len = 0;
-    }
-    for (size_t i = 0; i < nany; i++)
-        free(anys[i].value.data);
+    uint8_t *out = status_pack(&st, anys, nany, len);
     free(fv);
     free(fvp);
     return out;
@@ -184,23 +192,11 @@ uint8_t *srv_status_details_quota(const char *message, int64_t retry_after_us, c
     qf.n_violations = 1;
     qf.violations = &vp;
 
-    Google__Protobuf__Any anys[2], *ptrs[2] = {&anys[0], &anys[1]};
+    Google__Protobuf__Any anys[2];
     size_t nany = 0;
     if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.RetryInfo", &ri.base))
         nany++;
     if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.QuotaFailure", &qf.base))
         nany++;
-    st.n_details = nany;
-    st.details = ptrs;
-    size_t n = google__rpc__status__get_packed_size(&st);
-    uint8_t *out = malloc(n ? n : 1);
-    if (out) {
-        google__rpc__status__pack(&st, out);
-        *len = n;
-    } else {
-        *len = 0;
-    }
-    for (size_t i = 0; i < nany; i++)
-        free(anys[i].value.data);
-    return out;
+    return status_pack(&st, anys, nany, len);
 }
