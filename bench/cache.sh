@@ -29,40 +29,27 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$ROOT"
 # shellcheck source=scripts/lib.sh
 . "$ROOT/scripts/lib.sh"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 CONCURRENCY=${BENCH_CONCURRENCY:-"1 8 32"}
 ROUNDS=${BENCH_ROUNDS:-3}
 DURATION=${BENCH_DURATION:-5s}
 WARMUP=${BENCH_WARMUP:-1s}
-CONNECTIONS=${BENCH_CONNECTIONS:-auto}
-THREADS=${BENCH_THREADS:-1}
 PORT=${BENCH_PORT:-50071}
 REDIS_PORT=${BENCH_REDIS_PORT:-56391}
 DB=${BENCH_DB:-orderd_bench_cache}
-WORKERS=${BENCH_WORKERS:-}
-ORDERS=${BENCH_ORDERS:-500}
-DO_BUILD=${BENCH_BUILD:-1}
-USE_STACK=${BENCH_STACK:-1}
+KEEP_DB=0 # the database is always dropped at the end
 BUILD=${BENCH_BUILD_DIR:-$ROOT/build-bench}
 case "$BUILD" in /*) ;; *) BUILD=$ROOT/$BUILD ;; esac
-PG_HOST=127.0.0.1
-PG_PORT=${BENCH_PG_PORT:-${STACK_PG_PORT:-55432}}
-PG_USER=${BENCH_PG_USER:-orderd}
-PRODUCTS=sku-a,sku-b
-DSN="host=$PG_HOST port=$PG_PORT dbname=$DB user=$PG_USER connect_timeout=3"
-PGARGS=(-h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER")
-case "$DB" in *[!a-z0-9_]* | "") die "BENCH_DB must be a plain lower-case name" ;; esac
+pg_settings
 case "$ROUNDS" in *[!0-9]* | "" | 0) die "BENCH_ROUNDS must be a positive number" ;; esac
 # Limits no run can reach: the limiter runs (and calls Redis) but never refuses.
 HIGH=1000000/1000000
 
-STAMP=$(date +%Y%m%d-%H%M%S)
-OUT=$ROOT/.local/bench
 RAW=$OUT/cache-raw-$STAMP
 REPORT=$OUT/cache-$STAMP.md
 mkdir -p "$RAW"
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
 
 # ---- clean-up: stop only what this script started ------------------------------------
 declare -A PIDS=()  # instance name -> orderd pid
@@ -71,46 +58,18 @@ STARTED_PG=0
 DB_CREATED=0
 PSQL=psql
 
-stop_pid() { # stop_pid PID WHAT: SIGTERM, SIGKILL after 15 s; logs a non-zero exit
-  local pid=$1 what=$2 i rc=0
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 150; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "bench: $what (pid $pid) still running 15 s after SIGTERM; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || rc=$?
-  [ "$rc" = 0 ] || log "bench: $what exited with status $rc after SIGTERM (expected 0)"
-}
-
 cleanup() {
   local rc=$? n
   for n in "${!PIDS[@]}"; do stop_pid "${PIDS[$n]}" "orderd $n"; done
   PIDS=()
   if [ -n "$REDIS_PID" ]; then stop_pid "$REDIS_PID" redis-server; fi
-  if [ "$DB_CREATED" = 1 ]; then
-    "$PSQL" "${PGARGS[@]}" -d postgres -qXc "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
-  fi
-  if [ "$STARTED_PG" = 1 ]; then "$ROOT/scripts/stack.sh" stop pg >&2 || true; fi
+  cleanup_pg
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# ---- CPU accounting (clock ticks, from /proc) ---------------------------------------------
-proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 + $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-machine_busy() { awk '/^cpu /{ print $2 + $3 + $4 + $9 }' /proc/stat; }
-PG_PM=""
-pg_ticks() {
-  local t=0 p
-  [ -n "$PG_PM" ] || { echo 0; return; }
-  t=$(proc_ticks "$PG_PM")
-  for p in $(pgrep -P "$PG_PM" || true); do t=$((t + $(proc_ticks "$p"))); done
-  echo "$t"
-}
+# ---- CPU accounting (proc_ticks, machine_busy, pg_ticks: bench/lib.sh) -------------------
 redis_info() { # redis_info FIELD: one integer field of INFO (0 if missing)
   redis-cli -h 127.0.0.1 -p "$REDIS_PORT" INFO all 2>/dev/null | tr -d '\r' |
     awk -F: -v k="$1" '$1 == k { print $2; found = 1 } END { if (!found) print 0 }'
@@ -131,35 +90,12 @@ cpu_snapshot() {
 
 # ---- 1. build ----------------------------------------------------------------------------
 stage_begin "build (release, $BUILD)"
-if [ "$DO_BUILD" = 1 ]; then
-  cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DORDERD_TESTS=OFF >"$RAW/build.log" 2>&1 ||
-    { tail -n 30 "$RAW/build.log" >&2; die "cmake configure failed (log: $RAW/build.log)"; }
-  cmake --build "$BUILD" -j2 --target orderd orderd-bench >>"$RAW/build.log" 2>&1 ||
-    { tail -n 40 "$RAW/build.log" >&2; die "build failed (log: $RAW/build.log)"; }
-fi
-ORDERD=$BUILD/orderd
-BENCH=$BUILD/bench/orderd-bench
-if [ ! -x "$ORDERD" ] || [ ! -x "$BENCH" ]; then die "$ORDERD or $BENCH missing (BENCH_BUILD=0 needs a built tree)"; fi
+build_release
 command -v redis-server >/dev/null || die "redis-server not found (scripts/deps.sh installs it)"
 stage_end ok
 
 # ---- 2. PostgreSQL, Redis, the database --------------------------------------------------
-if [ "$USE_STACK" = 1 ]; then
-  stage_begin "PostgreSQL (private stack, 127.0.0.1:$PG_PORT)"
-  if "$ROOT/scripts/stack.sh" status pg >/dev/null 2>&1; then
-    stage_end "already running; left running"
-  else
-    STARTED_PG=1
-    "$ROOT/scripts/stack.sh" start pg >&2
-    stage_end "started; stopped again at the end"
-  fi
-else
-  stage_begin "PostgreSQL (BENCH_STACK=0: the one already running on $PG_HOST:$PG_PORT)"
-  stage_end "neither started nor stopped by this script"
-fi
-if PGBIN=$(pg_bindir 2>/dev/null); then PSQL=$PGBIN/psql; fi
-PG_PM=$(ss -Hltnp "sport = :$PG_PORT" 2>/dev/null | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -n 1)
-[ -n "$PG_PM" ] || log "bench: cannot find the PostgreSQL server process; its CPU is not reported"
+start_pg
 
 stage_begin "redis-server on 127.0.0.1:$REDIS_PORT (private, no persistence)"
 if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" PING >/dev/null 2>&1; then
@@ -177,63 +113,36 @@ done
 stage_end "pid $REDIS_PID"
 
 stage_begin "fresh database $DB"
-"$PSQL" "${PGARGS[@]}" -d postgres -qXc "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1
-"$PSQL" "${PGARGS[@]}" -d postgres -qXc "CREATE DATABASE $DB OWNER $PG_USER" >/dev/null
-DB_CREATED=1
-export ORDERD_POSTGRES_DSN="$DSN"
-ORDERD_AUTH_HS256_SECRET=$(head -c 48 /dev/urandom | base64 -w0)
-ORDERD_ORDERS_PAGE_TOKEN_SECRET=$(head -c 48 /dev/urandom | base64 -w0)
-export ORDERD_AUTH_HS256_SECRET ORDERD_ORDERS_PAGE_TOKEN_SECRET
+fresh_db
 export ORDERD_LOG_LEVEL=warn ORDERD_REDIS_HOST=127.0.0.1 ORDERD_REDIS_PORT="$REDIS_PORT"
 export ORDERD_CACHE_ORDER_TTL=1h # no entry expires during the run
 export ORDERD_RATELIMIT_CUSTOMER=$HIGH ORDERD_RATELIMIT_SERVICE=$HIGH ORDERD_RATELIMIT_ADMIN=$HIGH
 export ORDERD_RATELIMIT_OVERRIDES="" ORDERD_RATELIMIT_REPLICAS=1
-if [ -n "$WORKERS" ]; then export ORDERD_SERVER_WORKERS="$WORKERS"; fi
-"$ORDERD" migrate --config "$ROOT/config.yaml" >"$RAW/migrate.log" 2>&1 ||
-  { cat "$RAW/migrate.log" >&2; die "orderd migrate failed"; }
+migrate_db
 stage_end ok
 
 # ---- 3. three orderd ---------------------------------------------------------------------
 declare -A TARGET=([warm]="127.0.0.1:$PORT" [nocache]="127.0.0.1:$((PORT + 1))" [norl]="127.0.0.1:$((PORT + 2))")
 # start_orderd NAME VAR=VALUE...: orderd serve with those settings; returns once SERVING.
 start_orderd() {
-  local name=$1 logf=$RAW/orderd-$1.log i
+  local name=$1 logf=$RAW/orderd-$1.log
   shift
   env ORDERD_SERVER_LISTEN="${TARGET[$name]}" ORDERD_CACHE_KEY_PREFIX="bench-$name:" "$@" \
     "$ORDERD" serve --config "$ROOT/config.yaml" >"$logf" 2>&1 &
   PIDS[$name]=$!
-  for ((i = 0; i < 60; i++)); do
-    if ! kill -0 "${PIDS[$name]}" 2>/dev/null; then
-      tail -n 30 "$logf" >&2
-      unset "PIDS[$name]"
-      die "orderd $name exited at start (log: $logf)"
-    fi
-    if "$BENCH" --target "${TARGET[$name]}" --method health --requests 1 --warmup 0 --connections 1 \
-      --concurrency 1 --connect-timeout 1s --quiet >/dev/null 2>&1; then
-      return 0
-    fi
-    sleep 0.5
-  done
-  tail -n 30 "$logf" >&2
-  die "orderd $name did not become SERVING on ${TARGET[$name]} within 30 s (log: $logf)"
+  wait_serving "${PIDS[$name]}" "${TARGET[$name]}" "$logf" "orderd $name" ||
+    { unset "PIDS[$name]"; die "orderd $name exited at start (log: $logf)"; }
 }
 
 stage_begin "orderd: warm (${TARGET[warm]}), nocache (${TARGET[nocache]}), norl (${TARGET[norl]})"
 start_orderd warm ORDERD_CACHE_ENABLED=true ORDERD_RATELIMIT_ENABLED=true
 start_orderd nocache ORDERD_CACHE_ENABLED=false ORDERD_RATELIMIT_ENABLED=true
 start_orderd norl ORDERD_CACHE_ENABLED=true ORDERD_RATELIMIT_ENABLED=false
-(umask 077 &&
-  "$ORDERD" token --subject bench-admin --role admin --ttl 2h --config "$ROOT/config.yaml" >"$RAW/admin.token" &&
-  "$ORDERD" token --subject bench-customer --role customer --ttl 2h --config "$ROOT/config.yaml" >"$RAW/customer.token") ||
-  die "orderd token failed"
-"$BENCH" --target "${TARGET[warm]}" --method seed --token-file "$RAW/admin.token" --products "$PRODUCTS" \
-  --connections 1 --concurrency 1 >&2 || die "seeding the products through UpsertProduct failed"
+tokens_and_products 2h "${TARGET[warm]}"
 stage_end "pids warm ${PIDS[warm]}, nocache ${PIDS[nocache]}, norl ${PIDS[norl]}"
 
 stage_begin "orders to read: $ORDERS through PlaceOrder; the caches of warm and norl filled"
-"$BENCH" --target "${TARGET[warm]}" --method place --token-file "$RAW/customer.token" --products "$PRODUCTS" \
-  --requests "$ORDERS" --warmup 0 --concurrency 8 --connections 8 --save-order-ids "$RAW/order-ids.txt" \
-  >"$RAW/preload.txt" 2>&1 || { cat "$RAW/preload.txt" >&2; die "placing the orders failed"; }
+place_orders "${TARGET[warm]}" "the orders"
 for name in warm norl; do
   # Each id read twice (round robin): a miss fills the entry, the second read hits it.
   "$BENCH" --target "${TARGET[$name]}" --method get --token-file "$RAW/customer.token" \
@@ -248,31 +157,13 @@ stage_end "$(tr '\n' ' ' <"$RAW/cached.txt")"
 
 # ---- 4. measurements ------------------------------------------------------------------------
 FAILED=0
-conns_for() { if [ "$CONNECTIONS" = auto ]; then echo $(($1 < 8 ? $1 : 8)); else echo "$CONNECTIONS"; fi; }
 
 # run_cell NAME INSTANCE METHOD C [extra args]: one orderd-bench run -> NAME.{json,txt,cpu}
 run_cell() {
   local name=$1 inst=$2 method=$3 c=$4
   shift 4
-  local token=()
-  [ "$method" = health ] || token=(--token-file "$RAW/customer.token")
   log "bench: $name: $method on $inst, concurrency $c, $(conns_for "$c") connections, $DURATION"
-  : >"$RAW/$name.cpu"
-  cpu_snapshot "$RAW/$name.cpu" before "${PIDS[$inst]}"
-  if ! "$BENCH" --target "${TARGET[$inst]}" --method "$method" "${token[@]}" --concurrency "$c" \
-    --connections "$(conns_for "$c")" --threads "$THREADS" --duration "$DURATION" \
-    --warmup "$WARMUP" --json --allow-errors --quiet "$@" >"$RAW/$name.json" 2>"$RAW/$name.txt"; then
-    FAILED=1
-    log "bench: $name: orderd-bench failed:"
-    cat "$RAW/$name.txt" >&2
-    return 0
-  fi
-  cpu_snapshot "$RAW/$name.cpu" after "${PIDS[$inst]}"
-  if ! grep -q '"errors_total":0,' "$RAW/$name.json"; then
-    FAILED=1
-    log "bench: $name: some calls failed:"
-    cat "$RAW/$name.txt" >&2
-  fi
+  bench_cell "$name" "${TARGET[$inst]}" "${PIDS[$inst]}" "$method" "$c" "$@"
 }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -9,14 +9,12 @@ ticks of the loaded orderd, of PostgreSQL, of Redis and of the machine, and Redi
 counters, before and after). A cell's figures are those of its median round (by calls/s);
 its CPU per call is over all its rounds; min-max shows the spread between rounds.
 """
-import json
 import os
-import sys
 
-RAW = sys.argv[1]
-META = json.load(open(os.path.join(RAW, "meta.json")))
-CLK = float(META["clk_tck"])
-CONCS = META["concurrency"].split()
+import benchlib
+from benchlib import errs
+
+RAW, META, CLK, CONCS = benchlib.open_run()
 ROUNDS = int(META.get("rounds", 1))
 CELLS = ["health", "warm", "nocache", "norl"]
 TITLE = {
@@ -27,27 +25,6 @@ TITLE = {
 }
 
 
-def load_json(name):
-    try:
-        with open(os.path.join(RAW, name)) as f:
-            return json.loads(f.read().strip().splitlines()[-1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def load_kv(name):
-    out = {}
-    try:
-        with open(os.path.join(RAW, name)) as f:
-            for line in f:
-                k, _, v = line.strip().partition("=")
-                if v:
-                    out[k] = float(v)
-    except (OSError, ValueError):
-        pass
-    return out
-
-
 KEYS = ("orderd", "pg", "redis", "machine", "redis_cmds", "redis_hits", "redis_misses", "time")
 
 
@@ -56,9 +33,9 @@ def cell(name):
     (min and max calls/s) and "errors_total"/"errors" summed over the rounds."""
     runs = []
     for r in range(1, ROUNDS + 1):
-        j = load_json("%s-r%d.json" % (name, r))
+        j = benchlib.load_json(RAW, "%s-r%d.json" % (name, r))
         if j is not None:
-            runs.append((j, load_kv("%s-r%d.cpu" % (name, r))))
+            runs.append((j, benchlib.load_kv(RAW, "%s-r%d.cpu" % (name, r))))
     if not runs:
         return None
     runs.sort(key=lambda jc: jc[0]["throughput"])
@@ -110,14 +87,6 @@ def lat(j):
 
 def ratio(a, b):
     return "-" if not a or not b else "%.2f" % (a["throughput"] / b["throughput"])
-
-
-def errs(j):
-    if j is None:
-        return "no result"
-    if not j.get("errors_total"):
-        return "0"
-    return " ".join("%s=%d" % kv for kv in j["errors"].items())
 
 
 cells = {c: {n: cell("%s-c%s" % (n, c)) for n in CELLS} for c in CONCS}

@@ -8,40 +8,21 @@ Reads meta.json and, per concurrency c: health-c<c>.json, get-c<c>.json, place-c
 <name>.cpu counters bench/run.sh took around each run (clock ticks of orderd, of the
 PostgreSQL server and of the whole machine).
 """
-import json
 import os
 import re
-import sys
 
-RAW = sys.argv[1]
-META = json.load(open(os.path.join(RAW, "meta.json")))
-CLK = float(META["clk_tck"])
-CONCS = META["concurrency"].split()
+import benchlib
+from benchlib import errs
+
+RAW, META, CLK, CONCS = benchlib.open_run()
 
 
 def path(name):
     return os.path.join(RAW, name)
 
 
-def load_json(name):
-    try:
-        with open(path(name)) as f:
-            return json.loads(f.read().strip().splitlines()[-1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def load_cpu(name):
-    out = {}
-    try:
-        with open(path(name)) as f:
-            for line in f:
-                k, _, v = line.strip().partition("=")
-                if v:
-                    out[k] = float(v)
-    except OSError:
-        pass
-    return out
+    return benchlib.load_kv(RAW, name, (OSError,))
 
 
 def load_pgbench(name):
@@ -83,7 +64,7 @@ def cpu_figures(cpu, client_s, units):
 
 
 def orderd_cell(name):
-    j = load_json(name + ".json")
+    j = benchlib.load_json(RAW, name + ".json")
     if j is None:
         return None
     calls = j.get("checked", 0) + j.get("preload_calls", 0)
@@ -116,14 +97,6 @@ def lat(j):
     if not j:
         return "?"
     return "%s / %s" % (f2(j["latency_ms"]["p50"]), f2(j["latency_ms"]["p99"]))
-
-
-def errs(j):
-    if j is None:
-        return "no result"
-    if not j.get("errors_total"):
-        return "0"
-    return " ".join("%s=%d" % kv for kv in j["errors"].items())
 
 
 def cpu3(c, keys):
