@@ -12,6 +12,12 @@
  * backoff_min_us to backoff_max_us while attempts keep failing, reset by a success. In
  * between, every call answers "down" after one clock read.
  *
+ * With tls, the TCP connect is replaced by cache__tls_connect (tls.c): TCP connect and
+ * TLS handshake, each bounded by the timeout, then hiredis gets one end of a socketpair
+ * (redisConnectFd) whose other end a thread pumps to and from the TLS connection. The
+ * socket timeouts are set on hiredis's end as usual, so calls stay bounded; dropping the
+ * connection closes the tunnel too.
+ *
  * hiredis writes with write(2): the process must ignore SIGPIPE (server/main.c does), or
  * a write to a Redis that just died kills it.
  */
@@ -23,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 #include "common/clock.h"
 #include "common/log.h"
@@ -169,6 +176,8 @@ void cache__drop(struct cache *c, const char *op, const char *why)
         redisFree(c->rc);
         c->rc = NULL;
     }
+    cache__tls_close(c->tunnel);
+    c->tunnel = NULL;
     CACHE__COUNT(c, errors);
     arm_backoff(c);
     c->was_down = true;
@@ -215,7 +224,24 @@ static int connect_now(struct cache *c, const char *op)
     redisReply *rep[3 + CACHE__NSCRIPTS] = {0};
     int n = 0, bump_at = -1;
     struct timeval tv = to_tv(c->timeout_us);
-    redisContext *rc = redisConnectWithTimeout(c->host, c->port, tv);
+    redisContext *rc = NULL;
+    cache__tls *tunnel = NULL;
+    if (c->tls) {
+        cache_tls_options to = {.ca_file = c->tls_ca_file,
+                                .cert_file = c->tls_cert_file,
+                                .key_file = c->tls_key_file,
+                                .server_name = c->tls_server_name,
+                                .verify = true};
+        int fd = -1;
+        if (cache__tls_connect(c->host, c->port, &to, c->timeout_us, &fd, &tunnel, why,
+                               sizeof why) != 0)
+            goto fail;
+        rc = redisConnectFd(fd);
+        if (!rc)
+            close(fd);
+    } else {
+        rc = redisConnectWithTimeout(c->host, c->port, tv);
+    }
     if (!rc) {
         snprintf(why, sizeof why, "out of memory");
         goto fail;
@@ -285,6 +311,7 @@ static int connect_now(struct cache *c, const char *op)
     for (int i = 0; i < n; i++)
         freeReplyObject(rep[i]);
     c->rc = rc;
+    c->tunnel = tunnel;
     c->backoff_us = 0;
     c->next_attempt_us = 0;
     if (c->was_down)
@@ -299,6 +326,7 @@ fail:
             freeReplyObject(rep[i]);
     if (rc)
         redisFree(rc);
+    cache__tls_close(tunnel);
     CACHE__COUNT(c, errors);
     arm_backoff(c);
     c->was_down = true;
@@ -455,11 +483,23 @@ static bool options_ok(const cache_options *o, char *err, size_t errlen)
         why = "key prefix too long";
     else if (o->order_ttl_us < 1000)
         why = "order TTL must be >= 1 ms";
+    else if (o->tls && (!o->tls_ca_file || !*o->tls_ca_file))
+        why = "tls needs a CA file (the server is always verified)";
     if (why) {
         snprintf(err, errlen, "cache: %s", why);
         return false;
     }
     return true;
+}
+
+/* Copies an optional string: NULL and "" stay NULL. False if out of memory. */
+static bool dup_opt(char **dst, const char *src)
+{
+    *dst = NULL;
+    if (!src || !*src)
+        return true;
+    *dst = strdup(src);
+    return *dst != NULL;
 }
 
 struct cache *cache_open(const cache_options *opt, char *err, size_t errlen)
@@ -480,6 +520,12 @@ struct cache *cache_open(const cache_options *opt, char *err, size_t errlen)
         if (!c->password)
             goto oom;
     }
+    c->tls = opt->tls;
+    if (opt->tls && (!dup_opt(&c->tls_ca_file, opt->tls_ca_file) ||
+                     !dup_opt(&c->tls_cert_file, opt->tls_cert_file) ||
+                     !dup_opt(&c->tls_key_file, opt->tls_key_file) ||
+                     !dup_opt(&c->tls_server_name, opt->tls_server_name)))
+        goto oom;
     c->port = opt->port;
     c->database = opt->database;
     c->timeout_us = opt->timeout_us;
@@ -506,11 +552,16 @@ void cache_close(struct cache *c)
     cache__prefetch_clear(c);
     if (c->rc)
         redisFree(c->rc);
+    cache__tls_close(c->tunnel);
     if (c->password) {
         explicit_bzero(c->password, strlen(c->password));
         free(c->password);
     }
     free(c->host);
+    free(c->tls_ca_file);
+    free(c->tls_cert_file);
+    free(c->tls_key_file);
+    free(c->tls_server_name);
     free(c->prefix);
     free(c->epoch_key);
     free(c);

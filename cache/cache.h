@@ -53,12 +53,23 @@ typedef struct cache_options {
     int64_t backoff_max_us; /* cap, e.g. 2 s */
     const char *key_prefix; /* e.g. "orderd:" */
     int64_t order_ttl_us;   /* TTL of cached orders; each entry gets +-10% jitter */
+    /* TLS, done in-process with OpenSSL (hiredis 0.14 has none): hiredis talks through a
+     * socketpair whose other end a thread per connection pumps to and from an SSL
+     * connection (cache/tls.c). The TCP connect and the handshake are each bounded by
+     * timeout_us. The server certificate is always verified against tls_ca_file, and its
+     * name against tls_server_name (or host). */
+    bool tls;
+    const char *tls_ca_file;     /* PEM CA bundle; required when tls is set */
+    const char *tls_cert_file;   /* client certificate (mutual TLS); NULL or "" = none */
+    const char *tls_key_file;    /* its private key; NULL or "" = inside tls_cert_file */
+    const char *tls_server_name; /* SNI and the name verified; NULL or "" = host */
 } cache_options;
 
 /** Opens a cache (connecting at once if Redis answers; never failing because it does
  *  not). NULL only on bad options or out of memory, with a reason in err. Bad options:
  *  no host, port outside 1..65535, database < 0, timeout <= 0, back-off min <= 0 or
- *  max < min, empty or over-long (> 128) prefix, TTL < 1 ms. The options are copied. */
+ *  max < min, empty or over-long (> 128) prefix, TTL < 1 ms, tls without a CA file.
+ *  The options are copied. */
 struct cache *cache_open(const cache_options *opt, char *err, size_t errlen);
 /** Closes the connection and frees. NULL does nothing. */
 void cache_close(struct cache *c);

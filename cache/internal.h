@@ -86,10 +86,38 @@ struct cache__prefetch {
     cache__entry e; /* what the GET script found (owns its reply) */
 };
 
+/* ---- TLS (tls.c): an in-process tunnel, hiredis 0.14 having no TLS of its own ---- */
+
+typedef struct cache_tls_options {
+    const char *ca_file;     /* PEM CA bundle the server certificate must chain to (required) */
+    const char *cert_file;   /* client certificate chain (PEM) for mutual TLS; NULL = none */
+    const char *key_file;    /* its private key (PEM); NULL = in cert_file */
+    const char *server_name; /* SNI and the name checked; NULL or "" = the host */
+    bool verify;             /* check the certificate's name (the chain is always checked) */
+} cache_tls_options;
+
+typedef struct cache__tls cache__tls;
+
+/**
+ * Connects to host:port over TCP (bounded by timeout_us), runs the TLS handshake (bounded
+ * by timeout_us again) verifying the server against o->ca_file, and starts a pump thread
+ * between an SSL connection and one end of a socketpair. On success returns 0 with
+ * *app_fd the other end (blocking; for redisConnectFd, which then owns it) and *out the
+ * tunnel; on failure -1 with a reason in why and nothing left open.
+ */
+int cache__tls_connect(const char *host, int port, const cache_tls_options *o, int64_t timeout_us,
+                       int *app_fd, cache__tls **out, char *why, size_t cap);
+/** Stops the pump (which also ends by itself when either side closes), joins it and
+ *  frees. Call after redisFree of the context on *app_fd, or before: either works. NULL
+ *  does nothing. */
+void cache__tls_close(cache__tls *t);
+
 struct cache {
     /* options (strings owned; the password is wiped on close and never logged) */
     char *host;
     char *password;
+    bool tls;
+    char *tls_ca_file, *tls_cert_file, *tls_key_file, *tls_server_name; /* NULL = none */
     char *prefix;
     char *epoch_key; /* prefix + "epoch" */
     int port;
@@ -101,6 +129,7 @@ struct cache {
 
     /* the connection */
     redisContext *rc;        /* NULL while down */
+    cache__tls *tunnel;      /* with tls: the tunnel under rc (NULL while down) */
     int64_t backoff_us;      /* current pause; 0 after a successful connect */
     int64_t next_attempt_us; /* monotonic; no connect attempt before this */
     bool was_down;           /* a failure was logged: log the recovery */

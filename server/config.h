@@ -67,9 +67,13 @@ typedef struct srv_config {
     int redis_database;
     unsigned char *redis_password; /* heap; NULL if none */
     size_t redis_password_len;
-    bool redis_tls;               /* refused at start: Debian 12's hiredis has no TLS */
-    int64_t redis_timeout_us;     /* bound of one Redis call */
-    int64_t redis_backoff_max_us; /* reconnect back-off cap */
+    bool redis_tls;                     /* in-process OpenSSL tunnel (cache/tls.c) */
+    char redis_tls_ca_file[PATH_MAX];   /* required with redis_tls; "" = none */
+    char redis_tls_cert_file[PATH_MAX]; /* client certificate (mutual TLS); "" = none */
+    char redis_tls_key_file[PATH_MAX];  /* its key; "" = inside the certificate file */
+    char redis_tls_server_name[256];    /* SNI and the name verified; "" = redis_host */
+    int64_t redis_timeout_us;           /* bound of one Redis call */
+    int64_t redis_backoff_max_us;       /* reconnect back-off cap */
 
     /* cache */
     bool cache_enabled;

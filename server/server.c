@@ -673,6 +673,11 @@ static int worker_init(srv_server *srv, srv_worker *w, int index)
             .backoff_max_us = cfg->redis_backoff_max_us,
             .key_prefix = cfg->cache_key_prefix,
             .order_ttl_us = cfg->cache_order_ttl_us,
+            .tls = cfg->redis_tls,
+            .tls_ca_file = cfg->redis_tls_ca_file,
+            .tls_cert_file = cfg->redis_tls_cert_file,
+            .tls_key_file = cfg->redis_tls_key_file,
+            .tls_server_name = cfg->redis_tls_server_name,
         };
         w->cache = cache_open(&co, err, sizeof err);
         explicit_bzero(password, sizeof password);
@@ -747,10 +752,11 @@ int srv_server_run(const srv_config *cfg, const sigset_t *wait_for)
                LOG_F_END);
         return 1;
     }
-    if (cfg->redis_tls) {
-        log_kv(LOG_ERROR, "redis.tls is not available", LOG_F_STR, "error",
-               "Debian 12's hiredis (0.14) has no TLS; reach a remote Redis "
-               "through a TLS tunnel on loopback (stunnel, spiped) and set redis.tls: false",
+    if (cfg->redis_tls && (cfg->cache_enabled || cfg->ratelimit_enabled) &&
+        !cfg->redis_tls_ca_file[0]) {
+        log_kv(LOG_ERROR, "redis.tls needs redis.tls_ca_file", LOG_F_STR, "error",
+               "the Redis server certificate is always verified; set redis.tls_ca_file to the "
+               "CA bundle that signed it",
                LOG_F_END);
         srv_reflection_dispose();
         return 1;

@@ -366,7 +366,9 @@ static void test_redis_cache_ratelimit_settings(void **state)
 {
     (void)state;
     write_config("redis:\n  host: 10.1.2.3\n  port: 7000\n  database: 3\n  timeout: 2ms\n"
-                 "  reconnect_backoff_max: 500ms\n  tls: false\n"
+                 "  reconnect_backoff_max: 500ms\n  tls: true\n  tls_ca_file: tls/ca.crt\n"
+                 "  tls_cert_file: /abs/client.crt\n  tls_key_file: tls/client.key\n"
+                 "  tls_server_name: redis.internal\n"
                  "cache:\n  enabled: false\n  order_ttl: 90s\n  key_prefix: \"t:\"\n"
                  "ratelimit:\n  enabled: true\n  replicas: 3\n  customer: 7/9\n"
                  "  overrides: \"PlaceOrder:customer=1/2\"\n");
@@ -378,7 +380,14 @@ static void test_redis_cache_ratelimit_settings(void **state)
     assert_int_equal(cfg.redis_database, 3);
     assert_int_equal(cfg.redis_timeout_us, 2000);
     assert_int_equal(cfg.redis_backoff_max_us, 500000);
-    assert_false(cfg.redis_tls);
+    assert_true(cfg.redis_tls);
+    char want_path[PATH_MAX + 32];
+    snprintf(want_path, sizeof want_path, "%s/tls/ca.crt", tmpdir); /* relative to the file */
+    assert_string_equal(cfg.redis_tls_ca_file, want_path);
+    assert_string_equal(cfg.redis_tls_cert_file, "/abs/client.crt");
+    snprintf(want_path, sizeof want_path, "%s/tls/client.key", tmpdir);
+    assert_string_equal(cfg.redis_tls_key_file, want_path);
+    assert_string_equal(cfg.redis_tls_server_name, "redis.internal");
     assert_false(cfg.cache_enabled);
     assert_int_equal(cfg.cache_order_ttl_us, 90 * 1000000LL);
     assert_string_equal(cfg.cache_key_prefix, "t:");
