@@ -15,7 +15,7 @@ PKGS=(
   libyaml-dev libjansson-dev libmicrohttpd-dev libcmocka-dev
   postgresql postgresql-client redis-server redis-tools rabbitmq-server
   python3 python3-grpcio python3-protobuf python3-pika python3-pytest
-  procps psmisc valgrind clang-format
+  procps psmisc valgrind clang-format openssl
 )
 
 missing=()
