@@ -512,3 +512,12 @@ order_transition rt_transition(const char *id, order_status to)
     order_transition t = {.order_id = id, .to = to, .expected_version = -1, .reason = "test"};
     return t;
 }
+
+int rt_setup_with_store(fake_store *fs)
+{
+    rt_resume();
+    if (!rt_running() && rt_restart() != 0)
+        return -1;
+    fake_init(fs);
+    return 0;
+}

@@ -71,6 +71,9 @@ typedef struct fake_store {
 
 void fake_init(fake_store *f);
 void fake_destroy(fake_store *f);
+/** The per-test setup of the cache tests: the private Redis answering again (resumed, or
+ *  restarted if a test killed it) and *fs reset. 0, or -1 if Redis cannot be restarted. */
+int rt_setup_with_store(fake_store *fs);
 /** An order_store over f. */
 order_store fake_port(fake_store *f);
 /** Adds (or replaces) an order with this id and version, status PENDING, two items. */

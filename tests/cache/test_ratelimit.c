@@ -21,11 +21,7 @@ static int next_key = 1;
 
 static int setup(void **state)
 {
-    rt_resume();
-    if (!rt_running() && rt_restart() != 0)
-        return -1;
-    fake_init(&fs);
-    return 0;
+    return rt_setup_with_store(&fs);
 }
 
 static int teardown(void **state)
