@@ -127,6 +127,21 @@ static int tcp_connect(const char *host, int port, int64_t deadline, char *why, 
     return fd;
 }
 
+/* After an SSL_read/SSL_write that made no progress: adds the poll events OpenSSL waits
+ * for to *ev and returns true, or false if the connection is over (closed, reset, TLS
+ * error). */
+static bool ssl_wants(SSL *ssl, int ret, short *ev)
+{
+    int e = SSL_get_error(ssl, ret);
+    if (e == SSL_ERROR_WANT_READ)
+        *ev |= POLLIN;
+    else if (e == SSL_ERROR_WANT_WRITE)
+        *ev |= POLLOUT;
+    else
+        return false;
+    return true;
+}
+
 static void *pump(void *arg)
 {
     struct cache__tls *t = arg;
@@ -161,14 +176,8 @@ static void *pump(void *arg)
                     if (up_off == up_len)
                         up_len = up_off = 0;
                     progress = true;
-                } else {
-                    int e = SSL_get_error(t->ssl, n);
-                    if (e == SSL_ERROR_WANT_READ)
-                        tcp_ev |= POLLIN;
-                    else if (e == SSL_ERROR_WANT_WRITE)
-                        tcp_ev |= POLLOUT;
-                    else
-                        goto done;
+                } else if (!ssl_wants(t->ssl, n, &tcp_ev)) {
+                    goto done;
                 }
             }
             /* TLS -> buffer (also drains what OpenSSL holds decrypted: SSL_pending) */
@@ -179,14 +188,8 @@ static void *pump(void *arg)
                     down_len = (size_t)n;
                     down_off = 0;
                     progress = true;
-                } else {
-                    int e = SSL_get_error(t->ssl, n);
-                    if (e == SSL_ERROR_WANT_READ)
-                        tcp_ev |= POLLIN;
-                    else if (e == SSL_ERROR_WANT_WRITE)
-                        tcp_ev |= POLLOUT;
-                    else
-                        goto done; /* Redis closed, reset, or a TLS error */
+                } else if (!ssl_wants(t->ssl, n, &tcp_ev)) {
+                    goto done; /* Redis closed, reset, or a TLS error */
                 }
             }
             /* buffer -> hiredis */

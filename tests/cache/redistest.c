@@ -83,6 +83,22 @@ static redisContext *admin_connect(int64_t wait_us)
     }
 }
 
+pid_t rt_spawn_server(const char *const *argv, const char *logpath)
+{
+    pid_t p = fork();
+    if (p == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a crashed test */
+        int fd = open(logpath, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execvp(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    return p;
+}
+
 static int spawn(void)
 {
     const char *server = getenv("ORDERD_TEST_REDIS_SERVER");
@@ -100,19 +116,9 @@ static int spawn(void)
         argv[n++] = password;
     }
     argv[n] = NULL;
-    pid_t p = fork();
+    pid_t p = rt_spawn_server(argv, logpath);
     if (p < 0)
         return -1;
-    if (p == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a crashed test */
-        int fd = open(logpath, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execvp(server, (char *const *)argv);
-        _exit(127);
-    }
     pid = p;
     paused = false;
     redisContext *c = admin_connect(10 * 1000 * MS);

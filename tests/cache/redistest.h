@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <sys/types.h>
 #include <stdint.h>
 
 #include "cache/cache.h"
@@ -51,6 +52,9 @@ struct cache *rt_cache(const cache_options *o);
 /** Multiplier for time bounds (ORDERD_TEST_SLOW, default 1; e.g. 5 under valgrind). */
 int64_t rt_slow(void);
 void rt_sleep_us(int64_t us);
+/** Starts a server process (argv[0] looked up in PATH) with stdout and stderr appended to
+ *  logpath, killed if the test process dies. Returns its pid, or -1. */
+pid_t rt_spawn_server(const char *const *argv, const char *logpath);
 
 /* ---- the fake order store ---- */
 

@@ -121,19 +121,9 @@ static int redis_spawn(void)
                           "--daemonize",
                           "no",
                           NULL};
-    pid_t p = fork();
+    pid_t p = rt_spawn_server(argv, logpath);
     if (p < 0)
         return -1;
-    if (p == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        int fd = open(logpath, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execvp(server, (char *const *)argv);
-        _exit(127);
-    }
     redis_pid = p;
     /* Ready when a TLS cache connects. */
     cache_options o = tls_options();
