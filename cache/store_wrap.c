@@ -257,6 +257,50 @@ static int w_order_set_payment(void *self, order_ctx *ctx, const char *order_id,
     return rc;
 }
 
+static int w_order_amend(void *self, order_ctx *ctx, const order_amendment *a, order_t *out)
+{
+    struct cache__wrap *w = self;
+    int rc = w->inner.order_amend(w->inner.self, ctx, a, out);
+    if (rc == ORDER_OK)
+        store_after_write(w, out, "order amend");
+    else
+        drop_after_unknown(w, a->order_id, rc, "order amend");
+    return rc;
+}
+
+static int w_inbound_seen(void *self, order_ctx *ctx, const order_inbound *in, bool *seen)
+{
+    struct cache__wrap *w = self;
+    return w->inner.inbound_seen(w->inner.self, ctx, in, seen);
+}
+
+static int w_order_find_by_payment(void *self, order_ctx *ctx, order_provider p, const char *ref,
+                                   order_t *out)
+{
+    struct cache__wrap *w = self;
+    return w->inner.order_find_by_payment(w->inner.self, ctx, p, ref, out);
+}
+
+static int w_orders_expire_due(void *self, order_ctx *ctx, int64_t created_before_us,
+                               const char *reason, size_t max, order_t **out, size_t *n)
+{
+    struct cache__wrap *w = self;
+    int rc = w->inner.orders_expire_due(w->inner.self, ctx, created_before_us, reason, max, out, n);
+    if (rc == ORDER_OK)
+        for (size_t i = 0; i < *n; i++)
+            store_after_write(w, &(*out)[i], "order expiry");
+    /* On a failure after the commit (reading the items), the expired orders' entries stay
+     * until their TTL: the store's answer does not say which orders moved. */
+    return rc;
+}
+
+static int w_orders_unsettled(void *self, order_ctx *ctx, int64_t changed_before_us, size_t max,
+                              order_t **out, size_t *n)
+{
+    struct cache__wrap *w = self;
+    return w->inner.orders_unsettled(w->inner.self, ctx, changed_before_us, max, out, n);
+}
+
 static int w_order_list(void *self, order_ctx *ctx, const order_list_query *q, order_t **out,
                         size_t *n)
 {
@@ -293,4 +337,9 @@ void cache_store_wrap(struct cache *c, const order_store *inner, const cache_cod
     out->order_list = w_order_list;
     out->order_transition = w_order_transition;
     out->order_set_payment = w_order_set_payment;
+    out->order_amend = w_order_amend;
+    out->inbound_seen = w_inbound_seen;
+    out->order_find_by_payment = w_order_find_by_payment;
+    out->orders_expire_due = w_orders_expire_due;
+    out->orders_unsettled = w_orders_unsettled;
 }

@@ -20,19 +20,22 @@
 #include <stdint.h>
 
 /* ---- limits (the contract's, see proto/orders/v1/orders.proto) ---- */
-#define ORDER_ID_LEN            36 /* UUID text form */
-#define ORDER_CUSTOMER_MAX      128
-#define ORDER_REQUEST_ID_MAX    128
-#define ORDER_PRODUCT_ID_MAX    64
-#define ORDER_PRODUCT_NAME_MAX  200
-#define ORDER_REFERENCE_MAX     255
-#define ORDER_REASON_MAX        500
-#define ORDER_MAX_LINES         100
-#define ORDER_MIN_QUANTITY      1
-#define ORDER_MAX_QUANTITY      10000
-#define ORDER_PAGE_SIZE_DEFAULT 50
-#define ORDER_PAGE_SIZE_MAX     500
-#define ORDER_MAX_VIOLATIONS    128
+#define ORDER_ID_LEN             36 /* UUID text form */
+#define ORDER_CUSTOMER_MAX       128
+#define ORDER_REQUEST_ID_MAX     128
+#define ORDER_PRODUCT_ID_MAX     64
+#define ORDER_PRODUCT_NAME_MAX   200
+#define ORDER_REFERENCE_MAX      255
+#define ORDER_REASON_MAX         500
+#define ORDER_MAX_LINES          100
+#define ORDER_MIN_QUANTITY       1
+#define ORDER_MAX_QUANTITY       10000
+#define ORDER_PAGE_SIZE_DEFAULT  50
+#define ORDER_PAGE_SIZE_MAX      500
+#define ORDER_MAX_VIOLATIONS     128
+#define ORDER_URL_MAX            511
+#define ORDER_PAYMENT_METHOD_MAX 255
+#define ORDER_ERROR_META_MAX     4
 
 /* ---- errors ---- */
 
@@ -48,6 +51,8 @@ typedef enum order_code {
     ORDER_EDEADLINE = -7,     /* the caller's deadline passed; nothing was written */
     ORDER_EABORTED = -8,      /* a concurrent change won; retrying may succeed */
     ORDER_EINTERNAL = -9,     /* a bug or an impossible state */
+    ORDER_EDUPLICATE = -10,   /* an inbound event (webhook, inventory reply) already applied;
+                                 nothing was written */
 } order_code;
 
 typedef struct order_violation {
@@ -66,6 +71,10 @@ typedef struct order_error {
     size_t nviolations;
     bool violations_truncated;
     order_violation violations[ORDER_MAX_VIOLATIONS];
+    /* ErrorInfo.metadata: e.g. provider_status, decline_code. Never secrets. */
+    size_t nmeta;
+    char meta_key[ORDER_ERROR_META_MAX][32];
+    char meta_value[ORDER_ERROR_META_MAX][128];
 } order_error;
 
 /** Sets code and a printf-style message; returns code so callers can `return order_fail(...)`. */
@@ -73,6 +82,10 @@ int order_fail(order_error *e, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /** Appends a field violation (dropped, with violations_truncated set, past the cap). */
 void order_violate(order_error *e, const char *field, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/** Adds an ErrorInfo metadata entry (dropped past ORDER_ERROR_META_MAX; a key already present
+ *  is overwritten). */
+void order_error_meta(order_error *e, const char *key, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /** Resets to ORDER_OK with nothing recorded. */
 void order_error_reset(order_error *e);
@@ -168,9 +181,14 @@ typedef struct order_t {
     order_provider pay_provider;
     char pay_reference[ORDER_REFERENCE_MAX + 1];
     order_pay_status pay_status;
-    int64_t paid_at_us; /* Unix microseconds; 0 = not paid */
-    char cancel_reason[ORDER_REASON_MAX + 1];
-    int64_t created_at_us; /* Unix microseconds, set by the store */
+    int64_t paid_at_us;                          /* Unix microseconds; 0 = not paid */
+    char pay_charge_id[ORDER_REFERENCE_MAX + 1]; /* Stripe charge / PayPal capture id; "" */
+    char pay_receipt_url[ORDER_URL_MAX + 1];     /* "" if the provider gave none */
+    char refund_id[ORDER_REFERENCE_MAX + 1];     /* the provider's refund id; "" = none */
+    int64_t refunded_at_us;                      /* 0 = not refunded */
+    int64_t stock_reserved_at_us;                /* inventory said stock.reserved; 0 = not yet */
+    char cancel_reason[ORDER_REASON_MAX + 1];    /* why it was cancelled, expired or failed */
+    int64_t created_at_us;                       /* Unix microseconds, set by the store */
     int64_t updated_at_us;
     int64_t version; /* 1 when placed, +1 with every change */
     size_t nitems;
@@ -187,8 +205,44 @@ typedef struct order_payment_action {
     order_provider provider;
     char reference[ORDER_REFERENCE_MAX + 1];
     char client_secret[256];
-    char approval_url[512];
+    char approval_url[ORDER_URL_MAX + 1];
 } order_payment_action;
+
+/** What a provider says about a succeeded payment. */
+typedef struct order_payment_info {
+    int64_t paid_at_us;                      /* when it succeeded (Unix µs); 0 = not paid */
+    char charge_id[ORDER_REFERENCE_MAX + 1]; /* Stripe latest_charge / PayPal capture id */
+    char receipt_url[ORDER_URL_MAX + 1];     /* "" if none */
+    char provider_status[64];                /* the provider's own word ("succeeded") */
+} order_payment_info;
+
+/** What a verified provider webhook means for an order (payments/ parses, the domain acts). */
+typedef enum order_pay_event_kind {
+    ORDER_PAY_EVENT_IGNORED = 0,   /* an event type orderd does not act on */
+    ORDER_PAY_EVENT_SUCCEEDED = 1, /* payment_intent.succeeded, PAYMENT.CAPTURE.COMPLETED */
+    ORDER_PAY_EVENT_FAILED = 2,    /* an attempt failed; the payer may try again (Stripe) */
+    ORDER_PAY_EVENT_DENIED = 3,    /* failed for good: PAYMENT.CAPTURE.DENIED */
+    ORDER_PAY_EVENT_CANCELED = 4,  /* payment_intent.canceled */
+    ORDER_PAY_EVENT_REFUNDED = 5,  /* charge.refunded (in full), PAYMENT.CAPTURE.REFUNDED */
+} order_pay_event_kind;
+
+typedef struct order_payment_event {
+    char id[ORDER_REFERENCE_MAX + 1]; /* the provider's event id: the dedupe key */
+    order_provider provider;
+    order_pay_event_kind kind;
+    char type[64];                           /* the provider's event type, for logs */
+    char order_id[ORDER_ID_LEN + 1];         /* metadata[order_id] / custom_id; "" if absent */
+    char reference[ORDER_REFERENCE_MAX + 1]; /* PaymentIntent id / PayPal order id; "" */
+    char charge_id[ORDER_REFERENCE_MAX + 1]; /* charge / capture id; "" */
+    char refund_id[ORDER_REFERENCE_MAX + 1]; /* for REFUNDED; "" */
+    char receipt_url[ORDER_URL_MAX + 1];
+    int64_t amount_minor; /* in ISO-4217 minor units of `currency`; -1 if not given */
+    char currency[4];     /* upper case; "" if not given */
+    bool full_refund;     /* REFUNDED: the whole amount went back */
+    int64_t occurred_at_us;
+    char failure_code[64]; /* decline code for FAILED / DENIED; "" */
+    char failure_message[256];
+} order_payment_event;
 
 /* ---- money ---- */
 
@@ -236,7 +290,41 @@ typedef struct order_transition {
     const char *reason;          /* history "why", and cancel_reason when to == CANCELLED */
     order_pay_status pay_status; /* new payment status; ORDER_PAY_UNSPECIFIED = unchanged */
     int64_t paid_at_us;          /* set with pay_status SUCCEEDED; 0 = unchanged */
+    const char *charge_id;       /* NULL = unchanged */
+    const char *receipt_url;     /* NULL = unchanged */
+    const char *reference;       /* payment reference, set only if the order has none; NULL */
+    const struct order_inbound *inbound; /* NULL, or an inbound event recorded with it */
 } order_transition;
+
+/** An inbound event (provider webhook, inventory reply), recorded in the same transaction
+ *  as its effect under a unique id: applying it twice is ORDER_EDUPLICATE. */
+typedef enum order_inbound_kind {
+    ORDER_INBOUND_PROVIDER = 1,  /* processed_provider_events */
+    ORDER_INBOUND_INVENTORY = 2, /* processed_inventory_replies */
+} order_inbound_kind;
+typedef struct order_inbound {
+    order_inbound_kind kind;
+    const char *id;
+} order_inbound;
+
+/** A change of an order's payment facts or stock reservation, without a status change:
+ *  one conditional UPDATE that bumps version. Fields left NULL / 0 / UNSPECIFIED stay. */
+typedef struct order_amendment {
+    const char *order_id;
+    unsigned pay_from_set;   /* allowed current payment statuses (1u << order_pay_status,
+                                UNSPECIFIED = no payment yet); 0 = any */
+    order_provider provider; /* UNSPECIFIED = unchanged */
+    const char *reference;
+    order_pay_status pay_status;
+    int64_t paid_at_us;
+    const char *charge_id;
+    const char *receipt_url;
+    const char *refund_id;
+    int64_t refunded_at_us;
+    int64_t stock_reserved_at_us;
+    const order_inbound *inbound;
+} order_amendment;
+#define ORDER_PAY_BIT(s) (1u << (unsigned)(s))
 
 /**
  * The persistence port. Every function writes ctx->err on failure and returns its code:
@@ -285,6 +373,34 @@ typedef struct order_store {
     int (*order_set_payment)(void *self, order_ctx *ctx, const char *order_id,
                              order_provider provider, const char *reference,
                              order_pay_status pay_status, order_t *out);
+    /**
+     * Applies an amendment (see order_amendment). ORDER_EPRECONDITION with *out the current
+     * order if its payment status is not in pay_from_set; ORDER_EDUPLICATE if the inbound
+     * event was already recorded; ORDER_ENOTFOUND if absent. order_transition reports
+     * ORDER_EDUPLICATE the same way.
+     */
+    int (*order_amend)(void *self, order_ctx *ctx, const order_amendment *a, order_t *out);
+    /** Whether an inbound event was already applied (recorded with its effect). */
+    int (*inbound_seen)(void *self, order_ctx *ctx, const order_inbound *in, bool *seen);
+    /** The order whose payment reference or charge id is `ref` with provider p;
+     *  ORDER_ENOTFOUND if none. */
+    int (*order_find_by_payment)(void *self, order_ctx *ctx, order_provider p, const char *ref,
+                                 order_t *out);
+    /**
+     * Moves up to `max` PENDING orders created before created_before_us (oldest first) to
+     * EXPIRED in one transaction, claiming them with FOR UPDATE SKIP LOCKED so that replicas
+     * share the work; each gets a history row (actor = ctx->caller.subject, `reason`).
+     * *out is a heap array of the expired orders (free with order_list_free).
+     */
+    int (*orders_expire_due)(void *self, order_ctx *ctx, int64_t created_before_us,
+                             const char *reason, size_t max, order_t **out, size_t *n);
+    /**
+     * Orders owed a payment settlement: CANCELLED, EXPIRED or FAILED with a payment still
+     * PENDING or SUCCEEDED, last changed before changed_before_us; at most `max`, claimed
+     * with SKIP LOCKED. *out as for order_list.
+     */
+    int (*orders_unsettled)(void *self, order_ctx *ctx, int64_t changed_before_us, size_t max,
+                            order_t **out, size_t *n);
 } order_store;
 
 /** Frees an array returned by order_store.order_list. */
@@ -295,17 +411,31 @@ void order_list_free(order_t *orders, size_t n);
  */
 typedef struct order_payments {
     void *self;
-    /** Creates the payment for an order, keyed by the order id: calling it again for the
-     *  same order returns the same payment. Fills *out. */
-    int (*create)(void *self, order_ctx *ctx, const order_t *o, order_payment_action *out);
-    /** Checks with the provider that `reference` is a succeeded payment of this order, for
-     *  its total and currency. ORDER_OK with *paid_at_us set if so; ORDER_EPRECONDITION
-     *  (reason and message say why) if not. */
+    /**
+     * Creates the payment for an order, keyed by the order id: calling it again for the
+     * same order returns the same payment. Fills *out.
+     * payment_method (NULL or "" = none): a saved payment method to charge at once,
+     * off-session (Stripe only; others return ORDER_EINVAL). If the charge succeeded,
+     * paid->paid_at_us > 0 and *paid describes it; if it was declined, ORDER_EPRECONDITION
+     * with reason "PAYMENT_DECLINED" and metadata decline_code / provider_status. If it is
+     * still processing, ORDER_OK with paid->paid_at_us == 0 (a webhook will tell).
+     */
+    int (*create)(void *self, order_ctx *ctx, const order_t *o, const char *payment_method,
+                  order_payment_action *out, order_payment_info *paid);
+    /**
+     * Asks the provider whether `reference` is a succeeded payment of this order (PayPal:
+     * captures it first), for its total, currency and order id. ORDER_OK with *info filled
+     * if so; ORDER_EPRECONDITION with reason PAYMENT_NOT_SUCCEEDED or PAYMENT_MISMATCH and
+     * metadata provider_status otherwise.
+     */
     int (*verify)(void *self, order_ctx *ctx, const order_t *o, const char *reference,
-                  int64_t *paid_at_us);
-    /** Refunds the order's payment in full. Idempotent. */
-    int (*refund)(void *self, order_ctx *ctx, const order_t *o);
-    /** Voids (cancels) the order's unpaid payment. Idempotent. */
+                  order_payment_info *info);
+    /** Refunds the order's payment in full, under an idempotency key of its own (one refund
+     *  per order, however often it is called). refund_id gets the provider's id. */
+    int (*refund)(void *self, order_ctx *ctx, const order_t *o,
+                  char refund_id[ORDER_REFERENCE_MAX + 1]);
+    /** Voids (cancels) the order's unpaid payment. Idempotent. ORDER_EPRECONDITION (reason
+     *  PAYMENT_ALREADY_SUCCEEDED) if the payment succeeded meanwhile: refund it instead. */
     int (*cancel)(void *self, order_ctx *ctx, const order_t *o);
 } order_payments;
 
@@ -316,10 +446,16 @@ typedef struct order_config {
     int64_t max_total_minor; /* totals above this are refused (provider limit) */
 } order_config;
 
+/** Something the domain did or could not do in the background of a call (a refund left for
+ *  later, an event that no longer applies), for the operator's log. `what` is a short
+ *  constant phrase; e may be NULL. */
+typedef void (*order_notice_fn)(const char *what, const order_t *o, const order_error *e);
+
 typedef struct order_service {
     order_config cfg;
     order_store store;
     order_payments *providers[ORDER_PROVIDER_MAX + 1]; /* NULL = not configured */
+    order_notice_fn notice;                            /* NULL = silent */
 } order_service;
 
 typedef struct order_line_cmd {
@@ -333,6 +469,8 @@ typedef struct order_place_cmd {
     const order_line_cmd *lines;
     size_t nlines;
     order_provider provider;
+    const char *payment_method; /* NULL or "" = none; a saved Stripe payment method to charge
+                                   at once (off-session) */
 } order_place_cmd;
 
 /** Places an order (see the contract). On success *out and *action are filled. */
@@ -369,6 +507,51 @@ int order_product_upsert(order_service *svc, order_ctx *ctx, const order_product
                          order_product *out);
 int order_product_get(order_service *svc, order_ctx *ctx, const char *product_id,
                       order_product *out);
+
+/* ---- inbound events and background work ---- */
+
+/**
+ * Applies a verified payment-provider event (a webhook), through the same state machine
+ * and conditional updates as the RPCs, recording ev->id in the same transaction:
+ * - SUCCEEDED on a PENDING order whose amount, currency and order id match: PAID (with
+ *   the charge id, time and receipt). On a CANCELLED / EXPIRED / FAILED order whose payment
+ *   was not settled yet: the payment is recorded SUCCEEDED and refunded at once (or by
+ *   order_settle_due if the provider fails now); the order's status stays.
+ * - DENIED or CANCELED on a PENDING order: FAILED, payment FAILED / VOIDED.
+ * - FAILED: recorded in the log only; the payer may try again, expiry ends it otherwise.
+ * - REFUNDED in full: the payment is recorded REFUNDED (the status stays).
+ * ORDER_EDUPLICATE when the event was already applied; ORDER_ENOTFOUND when it names no
+ * order of ours (the webhook should still be acknowledged). *out may be NULL.
+ */
+int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
+                              order_t *out);
+
+/** An inventory reply (docs/events.md). */
+typedef struct order_stock_reply {
+    const char *id;       /* message_id = event_id: the dedupe key */
+    bool rejected;        /* stock.rejected; false = stock.reserved */
+    const char *order_id; /* must be a UUID */
+    const char *reason;   /* for rejections; may be NULL */
+} order_stock_reply;
+
+/**
+ * Applies an inventory reply: stock.rejected moves a PENDING order to FAILED (the reason
+ * kept), then voids its payment (order_settle_due finishes it if the provider fails);
+ * stock.reserved records the time on the order. A rejection of an order no longer PENDING
+ * changes nothing (ORDER_OK). ORDER_EDUPLICATE if already applied; ORDER_EINVAL for a reply
+ * that can never apply (bad id); ORDER_ENOTFOUND for an unknown order.
+ */
+int order_apply_stock_reply(order_service *svc, order_ctx *ctx, const order_stock_reply *r);
+
+/** Expires up to `max` PENDING orders older than pending_ttl_us and voids their payments.
+ *  *expired = how many moved. */
+int order_expire_due(order_service *svc, order_ctx *ctx, int64_t pending_ttl_us, size_t max,
+                     size_t *expired);
+
+/** Settles (voids or refunds) the payments of up to `max` cancelled, expired or failed orders
+ *  whose payment a failure left unsettled, changed more than min_age_us ago. */
+int order_settle_due(order_service *svc, order_ctx *ctx, int64_t min_age_us, size_t max,
+                     size_t *settled);
 
 /** True if s is a UUID in canonical text form (8-4-4-4-12 hex). */
 bool order_id_valid(const char *s);

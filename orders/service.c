@@ -14,8 +14,28 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* ---- helpers ---- */
+
+/* Wall-clock time in Unix microseconds, for the facts the domain records (refunded_at). */
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void notice(order_service *svc, const char *what, const order_t *o, const order_error *e)
+{
+    if (svc->notice)
+        svc->notice(what, o, e);
+}
+
+static bool is_terminal_unpaid(order_status s)
+{
+    return s == ORDER_STATUS_CANCELLED || s == ORDER_STATUS_EXPIRED || s == ORDER_STATUS_FAILED;
+}
 
 static bool deadline_passed(order_ctx *ctx)
 {
@@ -102,6 +122,11 @@ bool order_fingerprint(const order_place_cmd *cmd, const char *customer_id, char
             return false;
         off += (size_t)n;
     }
+    if (cmd->payment_method && *cmd->payment_method) {
+        n = snprintf(buf + off, cap - off, "|pm=%s", cmd->payment_method);
+        if (n < 0 || (size_t)n >= cap - off)
+            return false;
+    }
     return true;
 }
 
@@ -153,6 +178,13 @@ static void validate_place(order_service *svc, order_ctx *ctx, const order_place
         }
     }
 
+    size_t pml = cmd->payment_method ? strlen(cmd->payment_method) : 0;
+    if (pml > ORDER_PAYMENT_METHOD_MAX)
+        order_violate(e, "payment_method", "must be at most %d characters",
+                      ORDER_PAYMENT_METHOD_MAX);
+    else if (pml && cmd->provider != ORDER_PROVIDER_STRIPE)
+        order_violate(e, "payment_method",
+                      "saved payment methods are only supported with PAYMENT_PROVIDER_STRIPE");
     if (cmd->provider == ORDER_PROVIDER_UNSPECIFIED)
         order_violate(e, "payment_provider", "must be set");
     else if (!provider_of(svc, cmd->provider))
@@ -249,6 +281,115 @@ done:
     return rc;
 }
 
+/* The reason a declined order keeps, and its prefix (a replay answers the same). */
+#define DECLINED_PREFIX "payment declined"
+
+static int fail_declined(order_ctx *ctx, const order_t *o)
+{
+    order_error *e = ctx->err;
+    e->current_status = o->status;
+    snprintf(e->reason, sizeof e->reason, "PAYMENT_DECLINED");
+    snprintf(e->precondition_type, sizeof e->precondition_type, "PAYMENT");
+    snprintf(e->precondition_subject, sizeof e->precondition_subject, "%s", o->id);
+    const char *code = strchr(o->cancel_reason, ':');
+    code = code && code[1] == ' ' ? code + 2 : "declined";
+    if (!e->nmeta)
+        order_error_meta(e, "decline_code", "%s", code);
+    return order_fail(e, ORDER_EPRECONDITION, "the payment was declined (%s); the order is %s",
+                      code, order_status_enum_name(o->status));
+}
+
+/* Replaces *o by `next` (which the caller gives up). */
+static void order_replace(order_t *o, order_t *next)
+{
+    order_clear(o);
+    *o = *next;
+    memset(next, 0, sizeof *next);
+}
+
+/* Creates (or finds again) the payment of a freshly placed or replayed order and, with a
+ * saved payment method, charges it at once: succeeded -> PAID, declined -> FAILED. */
+static int pay_for_order(order_service *svc, order_ctx *ctx, const char *payment_method, order_t *o,
+                         order_payment_action *action)
+{
+    order_payments *pay = provider_of(svc, o->pay_provider);
+    if (o->status != ORDER_STATUS_PENDING || !pay) {
+        action->provider = o->pay_provider;
+        snprintf(action->reference, sizeof action->reference, "%s", o->pay_reference);
+        if (o->status == ORDER_STATUS_FAILED &&
+            strncmp(o->cancel_reason, DECLINED_PREFIX, strlen(DECLINED_PREFIX)) == 0)
+            return fail_declined(ctx, o);
+        return ORDER_OK;
+    }
+    order_payment_info paid = {0};
+    int rc = pay->create(pay->self, ctx, o, payment_method, action, &paid);
+    bool declined = rc == ORDER_EPRECONDITION && strcmp(ctx->err->reason, "PAYMENT_DECLINED") == 0;
+    if (rc != ORDER_OK && !declined)
+        return rc;
+    order_error saved_meta = {0};
+    if (declined) {
+        saved_meta.nmeta = ctx->err->nmeta;
+        memcpy(saved_meta.meta_key, ctx->err->meta_key, sizeof saved_meta.meta_key);
+        memcpy(saved_meta.meta_value, ctx->err->meta_value, sizeof saved_meta.meta_value);
+        order_error_reset(ctx->err);
+    }
+    order_t next = {0};
+    if (action->reference[0] && (strcmp(o->pay_reference, action->reference) != 0 ||
+                                 o->pay_status == ORDER_PAY_UNSPECIFIED)) {
+        order_amendment a = {
+            .order_id = o->id,
+            .pay_from_set = ORDER_PAY_BIT(ORDER_PAY_UNSPECIFIED) | ORDER_PAY_BIT(ORDER_PAY_PENDING),
+            .provider = action->provider ? action->provider : o->pay_provider,
+            .reference = action->reference,
+            .pay_status = ORDER_PAY_PENDING,
+        };
+        rc = svc->store.order_amend(svc->store.self, ctx, &a, &next);
+        if (rc == ORDER_EPRECONDITION) { /* settled meanwhile: report the order as it is */
+            order_error_reset(ctx->err);
+            rc = ORDER_OK;
+        }
+        if (rc != ORDER_OK)
+            return rc;
+        order_replace(o, &next);
+    }
+    if (!declined && paid.paid_at_us <= 0)
+        return ORDER_OK; /* the payer pays later; ConfirmPayment or a webhook tells */
+
+    char reason[ORDER_REASON_MAX + 1];
+    const char *code = "";
+    for (size_t i = 0; i < saved_meta.nmeta; i++)
+        if (strcmp(saved_meta.meta_key[i], "decline_code") == 0)
+            code = saved_meta.meta_value[i];
+    snprintf(reason, sizeof reason, DECLINED_PREFIX ": %s", *code ? code : "declined");
+    order_transition t = {
+        .order_id = o->id,
+        .from_set = ORDER_STATUS_BIT(ORDER_STATUS_PENDING),
+        .to = declined ? ORDER_STATUS_FAILED : ORDER_STATUS_PAID,
+        .expected_version = -1,
+        .reason = declined ? reason : "paid with a saved payment method",
+        .pay_status = declined ? ORDER_PAY_FAILED : ORDER_PAY_SUCCEEDED,
+        .paid_at_us = declined ? 0 : paid.paid_at_us,
+        .charge_id = declined ? NULL : paid.charge_id,
+        .receipt_url = declined ? NULL : paid.receipt_url,
+    };
+    rc = svc->store.order_transition(svc->store.self, ctx, &t, &next);
+    if (rc == ORDER_EPRECONDITION) {
+        order_error_reset(ctx->err);
+        rc = ORDER_OK; /* moved meanwhile (a webhook got there first): report it as it is */
+    }
+    if (rc != ORDER_OK)
+        return rc;
+    order_replace(o, &next);
+    if (declined || o->status == ORDER_STATUS_FAILED) {
+        ctx->err->nmeta = saved_meta.nmeta;
+        memcpy(ctx->err->meta_key, saved_meta.meta_key, sizeof saved_meta.meta_key);
+        memcpy(ctx->err->meta_value, saved_meta.meta_value, sizeof saved_meta.meta_value);
+        if (o->status == ORDER_STATUS_FAILED)
+            return fail_declined(ctx, o);
+    }
+    return ORDER_OK;
+}
+
 int order_place(order_service *svc, order_ctx *ctx, const order_place_cmd *cmd, order_t *out,
                 order_payment_action *action, bool *replayed)
 {
@@ -286,7 +427,8 @@ int order_place(order_service *svc, order_ctx *ctx, const order_place_cmd *cmd, 
     o.pay_status = ORDER_PAY_UNSPECIFIED;
 
     /* The fingerprint holds everything that decides the order; 100 lines fit easily. */
-    size_t fpcap = 64 + ORDER_CUSTOMER_MAX + cmd->nlines * (ORDER_PRODUCT_ID_MAX + 16);
+    size_t fpcap = 64 + ORDER_CUSTOMER_MAX + ORDER_PAYMENT_METHOD_MAX +
+                   cmd->nlines * (ORDER_PRODUCT_ID_MAX + 16);
     char *fp = malloc(fpcap);
     if (!fp || !order_fingerprint(cmd, customer, fp, fpcap)) {
         free(fp);
@@ -307,25 +449,9 @@ int order_place(order_service *svc, order_ctx *ctx, const order_place_cmd *cmd, 
 
     /* The order is committed. Create its payment (idempotent, keyed by the order), unless
      * it already moved on: a replay of a paid or cancelled order only reports it. */
-    order_payments *pay = provider_of(svc, o.pay_provider);
-    if (o.status == ORDER_STATUS_PENDING && pay) {
-        rc = pay->create(pay->self, ctx, &o, action);
-        if (rc != ORDER_OK)
-            goto fail; /* the order stays PENDING; the same request retried completes it */
-        if (strcmp(o.pay_reference, action->reference) != 0 ||
-            o.pay_status == ORDER_PAY_UNSPECIFIED) {
-            order_t updated = {0};
-            rc = svc->store.order_set_payment(svc->store.self, ctx, o.id, action->provider,
-                                              action->reference, ORDER_PAY_PENDING, &updated);
-            if (rc != ORDER_OK)
-                goto fail;
-            order_clear(&o);
-            o = updated;
-        }
-    } else {
-        action->provider = o.pay_provider;
-        snprintf(action->reference, sizeof action->reference, "%s", o.pay_reference);
-    }
+    rc = pay_for_order(svc, ctx, cmd->payment_method, &o, action);
+    if (rc != ORDER_OK)
+        goto fail; /* the order stays PENDING (or FAILED on a decline); a retry completes it */
     *out = o;
     return ORDER_OK;
 fail:
@@ -408,43 +534,50 @@ int order_list(order_service *svc, order_ctx *ctx, const order_list_cmd *cmd, or
 
 /* ---- cancel ---- */
 
-/* Settles the payment of a cancelled order: refund what was paid, void what was not.
- * Idempotent, so a CancelOrder retried after a provider failure finishes the job. */
-static int settle_cancelled(order_service *svc, order_ctx *ctx, order_t *o)
+/* Settles the payment of a cancelled, expired or failed order: refund what was paid, void
+ * what was not. Idempotent (the provider calls are keyed by the order, the record is a
+ * conditional update), so a retry, or order_settle_due, finishes what a failure left. */
+static int settle_payment(order_service *svc, order_ctx *ctx, order_t *o)
 {
     order_payments *pay = provider_of(svc, o->pay_provider);
-    order_pay_status to;
+    char refund_id[ORDER_REFERENCE_MAX + 1] = "";
+    order_amendment a = {.order_id = o->id};
     int rc;
     if (o->pay_status == ORDER_PAY_SUCCEEDED) {
         if (!pay)
             return order_fail(ctx->err, ORDER_EUNAVAILABLE,
                               "the order's payment provider is not configured; cannot refund");
-        rc = pay->refund(pay->self, ctx, o);
-        to = ORDER_PAY_REFUNDED;
+        rc = pay->refund(pay->self, ctx, o, refund_id);
+        a.pay_status = ORDER_PAY_REFUNDED;
     } else if (o->pay_status == ORDER_PAY_PENDING) {
         if (!pay)
             return ORDER_OK; /* nothing was taken; nothing to give back */
         rc = pay->cancel(pay->self, ctx, o);
-        to = ORDER_PAY_VOIDED;
+        a.pay_status = ORDER_PAY_VOIDED;
         if (rc == ORDER_EPRECONDITION) {
             /* The payment succeeded meanwhile (a confirmation raced the cancel): the
-             * order stays cancelled and the money goes back. */
+             * order stays as it is and the money goes back. */
             order_error_reset(ctx->err);
-            rc = pay->refund(pay->self, ctx, o);
-            to = ORDER_PAY_REFUNDED;
+            rc = pay->refund(pay->self, ctx, o, refund_id);
+            a.pay_status = ORDER_PAY_REFUNDED;
         }
     } else {
-        return ORDER_OK; /* no payment, or already refunded / voided */
+        return ORDER_OK; /* no payment, or already refunded / voided / failed */
     }
     if (rc != ORDER_OK)
         return rc;
+    a.pay_from_set = ORDER_PAY_BIT(ORDER_PAY_PENDING) | ORDER_PAY_BIT(ORDER_PAY_SUCCEEDED);
+    if (a.pay_status == ORDER_PAY_REFUNDED) {
+        a.refund_id = refund_id;
+        a.refunded_at_us = now_us();
+    }
     order_t updated = {0};
-    rc = svc->store.order_set_payment(svc->store.self, ctx, o->id, o->pay_provider,
-                                      o->pay_reference, to, &updated);
-    if (rc != ORDER_OK)
+    rc = svc->store.order_amend(svc->store.self, ctx, &a, &updated);
+    if (rc == ORDER_EPRECONDITION) /* settled by someone else meanwhile: that is the answer */
+        order_error_reset(ctx->err);
+    else if (rc != ORDER_OK)
         return rc;
-    order_clear(o);
-    *o = updated;
+    order_replace(o, &updated);
     return ORDER_OK;
 }
 
@@ -469,7 +602,7 @@ int order_cancel(order_service *svc, order_ctx *ctx, const char *order_id, const
         return rc;
     if (cur.status == ORDER_STATUS_CANCELLED) {
         /* Already cancelled: a retry. Finish settling the payment if a failure left it. */
-        rc = settle_cancelled(svc, ctx, &cur);
+        rc = settle_payment(svc, ctx, &cur);
         if (rc != ORDER_OK) {
             order_clear(&cur);
             return rc;
@@ -497,7 +630,7 @@ int order_cancel(order_service *svc, order_ctx *ctx, const char *order_id, const
         /* Lost a race (shipped, or cancelled by someone else meanwhile). */
         if (o.status == ORDER_STATUS_CANCELLED) {
             order_error_reset(ctx->err);
-            rc = settle_cancelled(svc, ctx, &o);
+            rc = settle_payment(svc, ctx, &o);
             if (rc == ORDER_OK) {
                 *out = o;
                 return ORDER_OK;
@@ -510,7 +643,7 @@ int order_cancel(order_service *svc, order_ctx *ctx, const char *order_id, const
     }
     if (rc != ORDER_OK)
         return rc;
-    rc = settle_cancelled(svc, ctx, &o);
+    rc = settle_payment(svc, ctx, &o);
     if (rc != ORDER_OK) {
         order_clear(&o);
         return rc;
@@ -520,6 +653,48 @@ int order_cancel(order_service *svc, order_ctx *ctx, const char *order_id, const
 }
 
 /* ---- confirm payment ---- */
+
+/*
+ * A payment succeeded on an order that is CANCELLED, EXPIRED or FAILED: record the money
+ * (payment SUCCEEDED, with the inbound event if any) and refund it at once. If the refund
+ * fails now, order_settle_due finishes it: the order's payment stays SUCCEEDED until then.
+ * Answers FAILED_PRECONDITION naming the order's status (the caller did not get a paid
+ * order), or ORDER_EDUPLICATE for an event already applied.
+ */
+static int refund_late(order_service *svc, order_ctx *ctx, const order_t *cur,
+                       const char *reference, const order_payment_info *info,
+                       const order_inbound *in)
+{
+    order_amendment a = {
+        .order_id = cur->id,
+        .reference = cur->pay_reference[0] ? NULL : reference, /* the order may have missed it */
+        .pay_from_set = ORDER_PAY_BIT(ORDER_PAY_UNSPECIFIED) | ORDER_PAY_BIT(ORDER_PAY_PENDING) |
+                        ORDER_PAY_BIT(ORDER_PAY_VOIDED) | ORDER_PAY_BIT(ORDER_PAY_FAILED),
+        .pay_status = ORDER_PAY_SUCCEEDED,
+        .paid_at_us = info->paid_at_us > 0 ? info->paid_at_us : now_us(),
+        .charge_id = info->charge_id,
+        .receipt_url = info->receipt_url,
+        .inbound = in,
+    };
+    order_t o = {0};
+    int rc = svc->store.order_amend(svc->store.self, ctx, &a, &o);
+    if (rc == ORDER_EPRECONDITION) /* already recorded (refunded, or succeeded) */
+        order_error_reset(ctx->err);
+    else if (rc != ORDER_OK)
+        return rc;
+    if (settle_payment(svc, ctx, &o) != ORDER_OK) {
+        notice(svc, "refund of a late payment failed; it will be retried", &o, ctx->err);
+        order_error_reset(ctx->err);
+    }
+    rc = fail_status(ctx, &o, "confirm the payment");
+    snprintf(ctx->err->message, sizeof ctx->err->message,
+             "the order is %s: the payment succeeded after it and is %s",
+             order_status_enum_name(o.status),
+             o.pay_status == ORDER_PAY_REFUNDED ? "refunded" : "being refunded");
+    snprintf(ctx->err->reason, sizeof ctx->err->reason, "PAYMENT_REFUNDED");
+    order_clear(&o);
+    return rc;
+}
 
 int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_id,
                           order_provider provider, const char *reference, order_t *out)
@@ -564,7 +739,10 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
         order_clear(&cur);
         return rc;
     }
-    if (cur.status != ORDER_STATUS_PENDING) {
+    /* A payment that succeeds on an order already cancelled, expired or failed (before its
+     * payment was voided) is taken back: the order stays as it is. */
+    bool late = is_terminal_unpaid(cur.status) && cur.pay_status == ORDER_PAY_PENDING;
+    if (cur.status != ORDER_STATUS_PENDING && !late) {
         rc = fail_status(ctx, &cur, "confirm the payment");
         order_clear(&cur);
         return rc;
@@ -577,13 +755,22 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
         return rc;
     }
     /* Never trust the caller: the provider says whether this payment succeeded. */
-    int64_t paid_at = 0;
-    rc = pay->verify(pay->self, ctx, &cur, reference, &paid_at);
+    order_payment_info info = {0};
+    rc = pay->verify(pay->self, ctx, &cur, reference, &info);
     if (rc != ORDER_OK) {
+        if (late && rc == ORDER_EPRECONDITION) {
+            order_error_reset(e);
+            rc = fail_status(ctx, &cur, "confirm the payment");
+        }
         order_clear(&cur);
         return rc;
     }
     order_t o = {0};
+    if (late) {
+        rc = refund_late(svc, ctx, &cur, reference, &info, NULL);
+        order_clear(&cur);
+        return rc;
+    }
     order_transition t = {
         .order_id = order_id,
         .from_set = ORDER_STATUS_BIT(ORDER_STATUS_PENDING),
@@ -591,32 +778,26 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
         .expected_version = -1,
         .reason = "payment confirmed",
         .pay_status = ORDER_PAY_SUCCEEDED,
-        .paid_at_us = paid_at,
+        .paid_at_us = info.paid_at_us > 0 ? info.paid_at_us : now_us(),
+        .charge_id = info.charge_id,
+        .receipt_url = info.receipt_url,
     };
     rc = svc->store.order_transition(svc->store.self, ctx, &t, &o);
+    order_clear(&cur);
     if (rc == ORDER_EPRECONDITION && o.status == ORDER_STATUS_PAID &&
         strcmp(o.pay_reference, reference) == 0) {
         /* A concurrent confirmation of the same payment won: same outcome. */
         order_error_reset(e);
         rc = ORDER_OK;
+    } else if (rc == ORDER_EPRECONDITION && is_terminal_unpaid(o.status)) {
+        /* A concurrent cancel (or expiry) won: the money goes back. */
+        order_error_reset(e);
+        rc = refund_late(svc, ctx, &o, reference, &info, NULL);
+        order_clear(&o);
+        return rc;
     } else if (rc == ORDER_EPRECONDITION) {
         rc = fail_status(ctx, &o, "confirm the payment");
     }
-    /* The payment succeeded but a concurrent cancel won: the order stays cancelled and the
-     * money goes back (settle_cancelled does the same from the cancel side; both are
-     * idempotent). The caller still hears FAILED_PRECONDITION: the order is cancelled. */
-    if (rc == ORDER_EPRECONDITION && o.status == ORDER_STATUS_CANCELLED) {
-        order_error *saved = malloc(sizeof *saved);
-        if (saved) {
-            *saved = *e;
-            order_error_reset(e);
-            if (settle_cancelled(svc, ctx, &o) != ORDER_OK)
-                order_error_reset(e);
-            *e = *saved;
-            free(saved);
-        }
-    }
-    order_clear(&cur);
     if (rc != ORDER_OK) {
         order_clear(&o);
         return rc;
@@ -740,5 +921,299 @@ int order_product_get(order_service *svc, order_ctx *ctx, const char *product_id
         return rc;
     if (!found)
         return order_fail(e, ORDER_ENOTFOUND, "product %s not found", product_id);
+    return ORDER_OK;
+}
+
+/* ---- inbound events ---- */
+
+/* Finds the order a provider event is about: by our order id if it carries one, else by
+ * the provider's reference or charge id. */
+static int find_event_order(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
+                            order_t *out)
+{
+    int rc = ORDER_ENOTFOUND;
+    if (ev->order_id[0] && order_id_valid(ev->order_id)) {
+        rc = svc->store.order_get(svc->store.self, ctx, ev->order_id, out);
+        if (rc != ORDER_ENOTFOUND)
+            return rc;
+        order_error_reset(ctx->err);
+    }
+    const char *refs[2] = {ev->reference, ev->charge_id};
+    for (int i = 0; i < 2; i++) {
+        if (!refs[i][0])
+            continue;
+        rc = svc->store.order_find_by_payment(svc->store.self, ctx, ev->provider, refs[i], out);
+        if (rc != ORDER_ENOTFOUND)
+            return rc;
+        order_error_reset(ctx->err);
+    }
+    return order_fail(ctx->err, ORDER_ENOTFOUND, "event %s names no order of ours", ev->id);
+}
+
+static int event_succeeded(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
+                           const order_inbound *in, order_t *o)
+{
+    order_error *e = ctx->err;
+    if (ev->amount_minor >= 0 &&
+        (ev->amount_minor != o->total_minor || strcmp(ev->currency, o->currency) != 0)) {
+        snprintf(e->reason, sizeof e->reason, "PAYMENT_MISMATCH");
+        notice(svc, "a provider reported a payment that does not match the order", o, NULL);
+        return order_fail(e, ORDER_EPRECONDITION,
+                          "event %s pays %lld %s; the order is %lld %s: not marked paid", ev->id,
+                          (long long)ev->amount_minor, ev->currency, (long long)o->total_minor,
+                          o->currency);
+    }
+    order_payment_info info = {.paid_at_us =
+                                   ev->occurred_at_us > 0 ? ev->occurred_at_us : now_us()};
+    snprintf(info.charge_id, sizeof info.charge_id, "%s", ev->charge_id);
+    snprintf(info.receipt_url, sizeof info.receipt_url, "%s", ev->receipt_url);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (o->status == ORDER_STATUS_PENDING) {
+            order_transition t = {
+                .order_id = o->id,
+                .from_set = ORDER_STATUS_BIT(ORDER_STATUS_PENDING),
+                .to = ORDER_STATUS_PAID,
+                .expected_version = -1,
+                .reason = "payment succeeded (provider webhook)",
+                .pay_status = ORDER_PAY_SUCCEEDED,
+                .paid_at_us = info.paid_at_us,
+                .charge_id = info.charge_id,
+                .receipt_url = info.receipt_url,
+                .reference = ev->reference,
+                .inbound = in,
+            };
+            order_t next = {0};
+            int rc = svc->store.order_transition(svc->store.self, ctx, &t, &next);
+            if (rc == ORDER_EPRECONDITION) { /* moved meanwhile: decide again */
+                order_error_reset(e);
+                order_replace(o, &next);
+                continue;
+            }
+            if (rc == ORDER_OK)
+                order_replace(o, &next);
+            else
+                order_clear(&next);
+            return rc;
+        }
+        if (is_terminal_unpaid(o->status) && o->pay_status != ORDER_PAY_SUCCEEDED &&
+            o->pay_status != ORDER_PAY_REFUNDED) {
+            int rc = refund_late(svc, ctx, o, ev->reference, &info, in);
+            if (rc == ORDER_EPRECONDITION) { /* refund_late's answer to a caller; not ours */
+                order_error_reset(e);
+                rc = ORDER_OK;
+            }
+            return rc;
+        }
+        return ORDER_OK; /* already paid, or the money is already recorded */
+    }
+    return order_fail(e, ORDER_EABORTED, "order %s keeps changing; retry", o->id);
+}
+
+int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
+                              order_t *out)
+{
+    order_error *e = ctx->err;
+    if (!ev->id[0])
+        return order_fail(e, ORDER_EINVAL, "the event has no id");
+    if (ev->kind == ORDER_PAY_EVENT_IGNORED)
+        return ORDER_OK;
+    order_t o = {0};
+    int rc = find_event_order(svc, ctx, ev, &o);
+    if (rc != ORDER_OK)
+        return rc;
+    if (o.pay_provider != ev->provider ||
+        (ev->reference[0] && o.pay_reference[0] && strcmp(ev->reference, o.pay_reference) != 0)) {
+        snprintf(e->reason, sizeof e->reason, "PAYMENT_REFERENCE_MISMATCH");
+        rc = order_fail(e, ORDER_EPRECONDITION, "event %s is about another payment of order %s",
+                        ev->id, o.id);
+        order_clear(&o);
+        return rc;
+    }
+    order_inbound in = {ORDER_INBOUND_PROVIDER, ev->id};
+    bool seen = false;
+    rc = svc->store.inbound_seen(svc->store.self, ctx, &in, &seen);
+    if (rc == ORDER_OK && seen)
+        rc = order_fail(e, ORDER_EDUPLICATE, "event %s was already applied", ev->id);
+    if (rc != ORDER_OK) {
+        order_clear(&o);
+        return rc;
+    }
+    order_t next = {0};
+    switch (ev->kind) {
+    case ORDER_PAY_EVENT_SUCCEEDED:
+        rc = event_succeeded(svc, ctx, ev, &in, &o);
+        break;
+    case ORDER_PAY_EVENT_DENIED:
+    case ORDER_PAY_EVENT_CANCELED: {
+        if (o.status != ORDER_STATUS_PENDING) {
+            rc = ORDER_OK; /* it already ended another way (a cancel voids its own payment) */
+            break;
+        }
+        char reason[ORDER_REASON_MAX + 1];
+        if (ev->kind == ORDER_PAY_EVENT_DENIED)
+            snprintf(reason, sizeof reason, DECLINED_PREFIX ": %s",
+                     ev->failure_code[0] ? ev->failure_code : "denied");
+        else
+            snprintf(reason, sizeof reason, "payment canceled at the provider");
+        order_transition t = {
+            .order_id = o.id,
+            .from_set = ORDER_STATUS_BIT(ORDER_STATUS_PENDING),
+            .to = ORDER_STATUS_FAILED,
+            .expected_version = -1,
+            .reason = reason,
+            .pay_status = ev->kind == ORDER_PAY_EVENT_DENIED ? ORDER_PAY_FAILED : ORDER_PAY_VOIDED,
+            .inbound = &in,
+        };
+        rc = svc->store.order_transition(svc->store.self, ctx, &t, &next);
+        if (rc == ORDER_EPRECONDITION) { /* it moved on meanwhile; the event no longer applies */
+            order_error_reset(e);
+            rc = ORDER_OK;
+        }
+        if (rc == ORDER_OK)
+            order_replace(&o, &next);
+        break;
+    }
+    case ORDER_PAY_EVENT_REFUNDED: {
+        if (!ev->full_refund || o.pay_status == ORDER_PAY_REFUNDED) {
+            rc = ORDER_OK; /* partial refunds are the provider's business; recorded in logs */
+            break;
+        }
+        order_amendment a = {
+            .order_id = o.id,
+            .pay_from_set = ORDER_PAY_BIT(ORDER_PAY_SUCCEEDED),
+            .pay_status = ORDER_PAY_REFUNDED,
+            .refund_id = ev->refund_id,
+            .refunded_at_us = ev->occurred_at_us > 0 ? ev->occurred_at_us : now_us(),
+            .inbound = &in,
+        };
+        rc = svc->store.order_amend(svc->store.self, ctx, &a, &next);
+        if (rc == ORDER_EPRECONDITION) {
+            order_error_reset(e);
+            rc = ORDER_OK;
+        }
+        if (rc == ORDER_OK)
+            order_replace(&o, &next);
+        break;
+    }
+    case ORDER_PAY_EVENT_FAILED:
+    default:
+        /* An attempt failed; the payer may try again. Expiry ends the order otherwise. */
+        notice(svc, "a payment attempt failed at the provider", &o, NULL);
+        rc = ORDER_OK;
+        break;
+    }
+    order_clear(&next);
+    if (rc == ORDER_OK && out)
+        *out = o;
+    else
+        order_clear(&o);
+    return rc;
+}
+
+int order_apply_stock_reply(order_service *svc, order_ctx *ctx, const order_stock_reply *r)
+{
+    order_error *e = ctx->err;
+    size_t idl = r->id ? strlen(r->id) : 0;
+    if (idl == 0 || idl > ORDER_REFERENCE_MAX)
+        order_violate(e, "event_id", "must be 1 to %d characters", ORDER_REFERENCE_MAX);
+    if (!r->order_id || !order_id_valid(r->order_id))
+        order_violate(e, "order_id", "must be a UUID");
+    if (e->nviolations)
+        return order_fail(e, ORDER_EINVAL, "malformed inventory reply");
+    order_inbound in = {ORDER_INBOUND_INVENTORY, r->id};
+    order_t o = {0};
+    bool seen = false;
+    int rc = svc->store.inbound_seen(svc->store.self, ctx, &in, &seen);
+    if (rc != ORDER_OK)
+        return rc;
+    if (seen)
+        return order_fail(e, ORDER_EDUPLICATE, "reply %s was already applied", r->id);
+    if (!r->rejected) {
+        order_amendment a = {
+            .order_id = r->order_id, .stock_reserved_at_us = now_us(), .inbound = &in};
+        rc = svc->store.order_amend(svc->store.self, ctx, &a, &o);
+        order_clear(&o);
+        return rc;
+    }
+    char reason[ORDER_REASON_MAX + 1];
+    snprintf(reason, sizeof reason, "stock rejected: %.470s",
+             r->reason && *r->reason ? r->reason : "no reason given");
+    order_transition t = {
+        .order_id = r->order_id,
+        .from_set = ORDER_STATUS_BIT(ORDER_STATUS_PENDING),
+        .to = ORDER_STATUS_FAILED,
+        .expected_version = -1,
+        .reason = reason,
+        .inbound = &in,
+    };
+    rc = svc->store.order_transition(svc->store.self, ctx, &t, &o);
+    if (rc == ORDER_EPRECONDITION) {
+        /* No longer PENDING: paid, cancelled or expired first. Nothing to undo here. */
+        if (o.status != ORDER_STATUS_FAILED)
+            notice(svc, "stock rejected for an order that is no longer pending", &o, NULL);
+        order_error_reset(e);
+        order_clear(&o);
+        return ORDER_OK;
+    }
+    if (rc != ORDER_OK) {
+        order_clear(&o);
+        return rc;
+    }
+    /* Committed: void the payment now; order_settle_due finishes it if the provider fails. */
+    if (settle_payment(svc, ctx, &o) != ORDER_OK) {
+        notice(svc, "voiding the payment of a failed order failed; it will be retried", &o, e);
+        order_error_reset(e);
+    }
+    order_clear(&o);
+    return ORDER_OK;
+}
+
+/* ---- background work ---- */
+
+int order_expire_due(order_service *svc, order_ctx *ctx, int64_t pending_ttl_us, size_t max,
+                     size_t *expired)
+{
+    *expired = 0;
+    char reason[96];
+    snprintf(reason, sizeof reason, "expired: unpaid for %lld s",
+             (long long)(pending_ttl_us / 1000000));
+    order_t *orders = NULL;
+    size_t n = 0;
+    int rc = svc->store.orders_expire_due(svc->store.self, ctx, now_us() - pending_ttl_us, reason,
+                                          max, &orders, &n);
+    if (rc != ORDER_OK)
+        return rc;
+    *expired = n;
+    for (size_t i = 0; i < n; i++) {
+        if (settle_payment(svc, ctx, &orders[i]) != ORDER_OK) {
+            notice(svc, "voiding the payment of an expired order failed; it will be retried",
+                   &orders[i], ctx->err);
+            order_error_reset(ctx->err);
+        }
+    }
+    order_list_free(orders, n);
+    return ORDER_OK;
+}
+
+int order_settle_due(order_service *svc, order_ctx *ctx, int64_t min_age_us, size_t max,
+                     size_t *settled)
+{
+    *settled = 0;
+    order_t *orders = NULL;
+    size_t n = 0;
+    int rc =
+        svc->store.orders_unsettled(svc->store.self, ctx, now_us() - min_age_us, max, &orders, &n);
+    if (rc != ORDER_OK)
+        return rc;
+    for (size_t i = 0; i < n; i++) {
+        if (settle_payment(svc, ctx, &orders[i]) == ORDER_OK) {
+            (*settled)++;
+        } else {
+            notice(svc, "settling an order's payment failed; it will be retried", &orders[i],
+                   ctx->err);
+            order_error_reset(ctx->err);
+        }
+    }
+    order_list_free(orders, n);
     return ORDER_OK;
 }

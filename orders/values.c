@@ -35,8 +35,26 @@ void order_violate(order_error *e, const char *field, const char *fmt, ...)
     va_end(ap);
 }
 
+void order_error_meta(order_error *e, const char *key, const char *fmt, ...)
+{
+    size_t i = 0;
+    while (i < e->nmeta && strcmp(e->meta_key[i], key) != 0)
+        i++;
+    if (i == e->nmeta) {
+        if (e->nmeta >= ORDER_ERROR_META_MAX)
+            return;
+        e->nmeta++;
+        snprintf(e->meta_key[i], sizeof e->meta_key[i], "%s", key);
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->meta_value[i], sizeof e->meta_value[i], fmt, ap);
+    va_end(ap);
+}
+
 void order_error_reset(order_error *e)
 {
+    e->nmeta = 0;
     e->code = ORDER_OK;
     e->message[0] = '\0';
     e->reason[0] = '\0';
@@ -68,6 +86,8 @@ const char *order_code_name(int code)
         return "DEADLINE_EXCEEDED";
     case ORDER_EABORTED:
         return "ABORTED";
+    case ORDER_EDUPLICATE:
+        return "ALREADY_APPLIED";
     default:
         return "INTERNAL";
     }

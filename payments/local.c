@@ -62,9 +62,16 @@ static const char *status_name(order_pay_status s)
     return n ? n : "unknown";
 }
 
-static int lp_create(void *self, order_ctx *ctx, const order_t *o, order_payment_action *out)
+static int lp_create(void *self, order_ctx *ctx, const order_t *o, const char *payment_method,
+                     order_payment_action *out, order_payment_info *paid)
 {
     struct local *l = self;
+    memset(paid, 0, sizeof *paid);
+    if (payment_method && *payment_method) {
+        order_violate(ctx->err, "payment_method",
+                      "saved payment methods are only supported with PAYMENT_PROVIDER_STRIPE");
+        return order_fail(ctx->err, ORDER_EINVAL, "invalid payment method");
+    }
     char ref[ORDER_REFERENCE_MAX + 1];
     if (!new_reference(ref, sizeof ref))
         return order_fail(ctx->err, ORDER_EINTERNAL, "no randomness for a payment reference");
@@ -85,7 +92,7 @@ static int lp_create(void *self, order_ctx *ctx, const order_t *o, order_payment
 }
 
 static int lp_verify(void *self, order_ctx *ctx, const order_t *o, const char *reference,
-                     int64_t *paid_at_us)
+                     order_payment_info *info)
 {
     struct local *l = self;
     store_local_payment p;
@@ -108,14 +115,18 @@ static int lp_verify(void *self, order_ctx *ctx, const order_t *o, const char *r
             return rc;
     }
     if (p.status == ORDER_PAY_SUCCEEDED) {
-        *paid_at_us = p.succeeded_at_us;
+        memset(info, 0, sizeof *info);
+        info->paid_at_us = p.succeeded_at_us;
+        snprintf(info->charge_id, sizeof info->charge_id, "%s", p.reference);
+        snprintf(info->provider_status, sizeof info->provider_status, "succeeded");
         return ORDER_OK;
     }
     return refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "payment %s is %s", p.reference,
                   status_name(p.status));
 }
 
-static int lp_refund(void *self, order_ctx *ctx, const order_t *o)
+static int lp_refund(void *self, order_ctx *ctx, const order_t *o,
+                     char refund_id[ORDER_REFERENCE_MAX + 1])
 {
     struct local *l = self;
     store_local_payment p;
@@ -132,8 +143,11 @@ static int lp_refund(void *self, order_ctx *ctx, const order_t *o)
         else if (rc != ORDER_OK)
             return rc;
     }
-    if (p.status == ORDER_PAY_REFUNDED)
+    if (p.status == ORDER_PAY_REFUNDED) {
+        snprintf(refund_id, ORDER_REFERENCE_MAX + 1, "lr_%.*s", ORDER_REFERENCE_MAX - 3,
+                 p.reference + (strncmp(p.reference, "lp_", 3) == 0 ? 3 : 0));
         return ORDER_OK;
+    }
     return refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "payment %s is %s: nothing to refund", p.reference,
                   status_name(p.status));
 }

@@ -96,17 +96,16 @@ run_ctest() {
   return "$rc"
 }
 
-# run_e2e: the pytest suite; adds its counts to PASSED/FAILED.
-run_e2e() {
-  local log="$LOGDIR/e2e.log" rc summary n
-  ORDERD_BIN="$PWD/build-asan/orderd" \
-    ORDERD_E2E_PG_DSN="host=127.0.0.1 port=$STACK_PG_PORT dbname=orderd_e2e user=orderd" \
-    ORDERD_REPO="$PWD" \
-    timeout --foreground -k 30 1200 \
-    /usr/bin/python3 -m pytest tests/e2e -v -p no:cacheprovider 2>&1 | tee "$log"
+# run_pytest NAME LIMIT_S ARGS...: a pytest run; adds its counts to PASSED/FAILED.
+run_pytest() {
+  local name=$1 limit=$2 log rc summary n
+  shift 2
+  log="$LOGDIR/$name.log"
+  timeout --foreground -k 30 "$limit" \
+    /usr/bin/python3 -m pytest "$@" -v -p no:cacheprovider 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 5 ]; then
-    log "test: e2e: pytest collected no tests (exit status 5): the suite is missing"
+    log "test: $name: pytest collected no tests (exit status 5): the suite is missing"
     FAILED=$((FAILED + 1))
     return 1
   fi
@@ -118,8 +117,17 @@ run_e2e() {
   FAILED=$((FAILED + ${n:-0}))
   n=$(echo "$summary" | grep -Eo '[0-9]+ errors?' | awk '{print $1}')
   FAILED=$((FAILED + ${n:-0}))
-  if [ "$rc" -eq 124 ]; then log "test: e2e: timed out"; fi
+  if [ "$rc" -eq 124 ]; then log "test: $name: timed out"; fi
   return "$rc"
+}
+
+# run_e2e: the end-to-end suite against the ASan binary.
+run_e2e() {
+  ORDERD_BIN="$PWD/build-asan/orderd" \
+    ORDERD_E2E_PG_DSN="host=127.0.0.1 port=$STACK_PG_PORT dbname=orderd_e2e user=orderd" \
+    ORDERD_E2E_AMQP="127.0.0.1:$STACK_AMQP_PORT" \
+    ORDERD_REPO="$PWD" \
+    run_pytest e2e 1500 tests/e2e
 }
 
 # run_valgrind: the unit and server tests (no database, no network) under valgrind, on the
@@ -209,6 +217,7 @@ if [ "$build_ok" = 1 ]; then
 else
   skip "valgrind (unit and server tests)" "build failed"
 fi
+stage "provider fakes (pytest tests/fakes)" run_pytest fakes 300 tests/fakes
 if [ "$asan_ok" = 1 ]; then
   stage "end-to-end (pytest tests/e2e)" run_e2e
 else

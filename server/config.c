@@ -6,7 +6,8 @@
  * YAML scalars and environment values all go through the same parse_value(), so they
  * are checked alike and a default outside its own bounds trips an assert at the first
  * load. The YAML file is read with libyaml's document loader, which keeps a line number
- * on every node; only two levels exist: top-level settings and sections of settings.
+ * on every node; settings live at the top level or in sections, which may nest
+ * (payments.stripe.enabled).
  * Secrets are rows with SF_ENV_ONLY: they may come from their environment variable but
  * never from the YAML file; the file rows next to them name where else to look.
  * Anything that may hold a secret (SF_SECRET, SF_DSN) is never echoed in an error.
@@ -112,6 +113,84 @@ static const setting settings[] = {
     {"orders.page_token_secret", ST_SECRET, SF_SECRET | SF_ENV_ONLY, NULL, FIELD(page_token_secret),
      .len_offset = offsetof(srv_config, page_token_secret_len)},
     {"orders.page_token_secret_file", ST_PATH, 0, "", FIELD(page_token_secret_file)},
+    {"orders.pending_ttl", ST_DURATION, 0, "30m", FIELD(pending_ttl_us), .min = US_S, .max = 90 * US_D},
+    {"orders.sweep_interval", ST_DURATION, 0, "10s", FIELD(sweep_interval_us),
+     .min = 10 * US_MS, .max = US_H},
+    {"orders.sweep_batch", ST_INT, 0, "100", FIELD(sweep_batch), .min = 1, .max = 10000},
+    {"orders.settle_after", ST_DURATION, 0, "30s", FIELD(settle_after_us), .min = 0, .max = US_D},
+
+    {"payments.local.enabled", ST_BOOL, 0, "false", FIELD(local_enabled)},
+    {"payments.stripe.enabled", ST_BOOL, 0, "false", FIELD(stripe_enabled)},
+    {"payments.stripe.api_base", ST_STRING, 0, "https://api.stripe.com", FIELD(stripe_api_base)},
+    {"payments.stripe.api_version", ST_STRING, 0, "2024-06-20", FIELD(stripe_api_version)},
+    {"payments.stripe.secret_key", ST_SECRET, SF_SECRET | SF_ENV_ONLY, NULL, FIELD(stripe_secret_key),
+     .len_offset = offsetof(srv_config, stripe_secret_key_len)},
+    {"payments.stripe.secret_key_file", ST_PATH, 0, "", FIELD(stripe_secret_key_file)},
+    {"payments.stripe.webhook_secret", ST_SECRET, SF_SECRET | SF_ENV_ONLY, NULL,
+     FIELD(stripe_webhook_secret), .len_offset = offsetof(srv_config, stripe_webhook_secret_len)},
+    {"payments.stripe.webhook_secret_file", ST_PATH, 0, "", FIELD(stripe_webhook_secret_file)},
+    {"payments.stripe.webhook_tolerance", ST_DURATION, 0, "300s", FIELD(stripe_webhook_tolerance_us),
+     .min = US_S, .max = US_D},
+    {"payments.paypal.enabled", ST_BOOL, 0, "false", FIELD(paypal_enabled)},
+    {"payments.paypal.api_base", ST_STRING, 0, "https://api-m.paypal.com", FIELD(paypal_api_base)},
+    {"payments.paypal.client_id", ST_STRING, 0, "", FIELD(paypal_client_id)},
+    {"payments.paypal.client_secret", ST_SECRET, SF_SECRET | SF_ENV_ONLY, NULL,
+     FIELD(paypal_client_secret), .len_offset = offsetof(srv_config, paypal_client_secret_len)},
+    {"payments.paypal.client_secret_file", ST_PATH, 0, "", FIELD(paypal_client_secret_file)},
+    {"payments.paypal.webhook_id", ST_STRING, 0, "", FIELD(paypal_webhook_id)},
+    {"payments.paypal.return_url", ST_STRING, 0, "https://shop.example.com/checkout/return",
+     FIELD(paypal_return_url)},
+    {"payments.paypal.cancel_url", ST_STRING, 0, "https://shop.example.com/checkout/cancel",
+     FIELD(paypal_cancel_url)},
+    {"payments.paypal.brand_name", ST_STRING, 0, "", FIELD(paypal_brand_name)},
+    {"payments.timeout", ST_DURATION, 0, "10s", FIELD(pay_timeout_us), .min = 10 * US_MS, .max = US_M},
+    {"payments.connect_timeout", ST_DURATION, 0, "3s", FIELD(pay_connect_timeout_us),
+     .min = 10 * US_MS, .max = US_M},
+    {"payments.max_attempts", ST_INT, 0, "3", FIELD(pay_max_attempts), .min = 1, .max = 10},
+    {"payments.backoff_base", ST_DURATION, 0, "500ms", FIELD(pay_backoff_base_us),
+     .min = US_MS, .max = US_M},
+    {"payments.backoff_max", ST_DURATION, 0, "5s", FIELD(pay_backoff_max_us),
+     .min = US_MS, .max = 5 * US_M},
+    {"payments.ca_file", ST_PATH, 0, "", FIELD(pay_ca_file)},
+
+    {"http.listen", ST_STRING, 0, "127.0.0.1:58080", FIELD(http_listen)},
+    {"http.threads", ST_INT, 0, "2", FIELD(http_threads), .min = 1, .max = 64},
+    {"http.max_body_bytes", ST_INT, 0, "1048576", FIELD(http_max_body_bytes),
+     .min = 1024, .max = 64 << 20},
+
+    {"amqp.enabled", ST_BOOL, 0, "true", FIELD(amqp_enabled)},
+    {"amqp.host", ST_STRING, 0, "127.0.0.1", FIELD(amqp_host)},
+    {"amqp.port", ST_INT, 0, "5672", FIELD(amqp_port), .min = 1, .max = 65535},
+    {"amqp.vhost", ST_STRING, 0, "/", FIELD(amqp_vhost)},
+    {"amqp.user", ST_STRING, 0, "guest", FIELD(amqp_user)},
+    {"amqp.password", ST_SECRET, SF_SECRET | SF_ENV_ONLY, NULL, FIELD(amqp_password),
+     .len_offset = offsetof(srv_config, amqp_password_len)},
+    {"amqp.password_file", ST_PATH, 0, "", FIELD(amqp_password_file)},
+    {"amqp.heartbeat", ST_INT, 0, "30", FIELD(amqp_heartbeat_s), .min = 0, .max = 3600},
+    {"amqp.timeout", ST_DURATION, 0, "5s", FIELD(amqp_timeout_us), .min = 10 * US_MS, .max = US_M},
+    {"amqp.reconnect_backoff_max", ST_DURATION, 0, "5s", FIELD(amqp_backoff_max_us),
+     .min = 10 * US_MS, .max = 5 * US_M},
+    {"amqp.exchange", ST_STRING, 0, "orderd.events", FIELD(amqp_exchange)},
+    {"amqp.declare_queues", ST_BOOL, 0, "true", FIELD(amqp_declare_queues)},
+    {"amqp.stock_queue", ST_STRING, 0, "inventory.stock", FIELD(amqp_stock_queue)},
+    {"amqp.order_queue", ST_STRING, 0, "notifications.orders", FIELD(amqp_order_queue)},
+    {"amqp.quorum_queues", ST_BOOL, 0, "false", FIELD(amqp_quorum_queues)},
+    {"amqp.consume_replies", ST_BOOL, 0, "true", FIELD(amqp_consume_replies)},
+    {"amqp.reply_queue", ST_STRING, 0, "orderd.inventory-replies", FIELD(amqp_reply_queue)},
+    {"amqp.reply_keys", ST_STRING, 0, "stock.reserved,stock.rejected", FIELD(amqp_reply_keys)},
+    {"amqp.dead_letter_exchange", ST_STRING, 0, "orderd.dead-letter", FIELD(amqp_dead_letter_exchange)},
+    {"amqp.dead_letter_queue", ST_STRING, 0, "orderd.dead-letter", FIELD(amqp_dead_letter_queue)},
+    {"amqp.prefetch", ST_INT, 0, "16", FIELD(amqp_prefetch), .min = 1, .max = 65535},
+    {"amqp.relay_batch", ST_INT, 0, "100", FIELD(amqp_relay_batch), .min = 1, .max = 10000},
+    {"amqp.relay_idle_poll", ST_DURATION, 0, "1s", FIELD(amqp_relay_idle_poll_us),
+     .min = US_MS, .max = US_M},
+    {"amqp.relay_claim", ST_DURATION, 0, "30s", FIELD(amqp_relay_claim_us), .min = US_S, .max = US_H},
+    {"amqp.relay_retry_max", ST_DURATION, 0, "30s", FIELD(amqp_relay_retry_max_us),
+     .min = 10 * US_MS, .max = US_H},
+    {"amqp.outbox_retention", ST_DURATION, 0, "7d", FIELD(outbox_retention_us),
+     .min = US_M, .max = 365 * US_D},
+    {"amqp.stats_interval", ST_DURATION, 0, "10s", FIELD(outbox_stats_interval_us),
+     .min = 100 * US_MS, .max = US_H},
 
     {"log.level", ST_LOGLEVEL, 0, "info", FIELD(log_level)},
 
@@ -507,6 +586,21 @@ static int walk_section(yaml_walk *w, const char *section, yaml_node_t *map)
                     section);
             return -1;
         }
+        /* A nested section ("payments.stripe"): recurse. */
+        if (is_section(name, strlen(name)) && !find_setting(name)) {
+            if (v && v->type == YAML_MAPPING_NODE) {
+                if (walk_section(w, name, v) != 0)
+                    return -1;
+                continue;
+            }
+            bool vnul = false;
+            const char *vt = scalar_text(v, &vnul);
+            if (vt && !*vt)
+                continue; /* "stripe:" with nothing under it */
+            set_err(w->err, w->errlen, "%s:%d: %s: expected a mapping of settings", w->path,
+                    v ? line_of(v) : line_of(k), name);
+            return -1;
+        }
         if (apply_pair(w, name, k, v) != 0)
             return -1;
     }
@@ -783,6 +877,30 @@ static int load_secrets(srv_config *cfg, unsigned flags, char *err, size_t errle
     if (load_secret_file("redis.password_file", cfg->redis_password_file, &cfg->redis_password,
                          &cfg->redis_password_len, flags, err, errlen) != 0)
         return -1;
+    if (load_secret_file("payments.stripe.secret_key_file", cfg->stripe_secret_key_file,
+                         &cfg->stripe_secret_key, &cfg->stripe_secret_key_len, flags, err,
+                         errlen) != 0 ||
+        load_secret_file("payments.stripe.webhook_secret_file", cfg->stripe_webhook_secret_file,
+                         &cfg->stripe_webhook_secret, &cfg->stripe_webhook_secret_len, flags, err,
+                         errlen) != 0 ||
+        load_secret_file("payments.paypal.client_secret_file", cfg->paypal_client_secret_file,
+                         &cfg->paypal_client_secret, &cfg->paypal_client_secret_len, flags, err,
+                         errlen) != 0 ||
+        load_secret_file("amqp.password_file", cfg->amqp_password_file, &cfg->amqp_password,
+                         &cfg->amqp_password_len, flags, err, errlen) != 0)
+        return -1;
+    if (need && cfg->stripe_enabled && !cfg->stripe_secret_key) {
+        set_err(err, errlen,
+                "payments.stripe.enabled needs a key: set ORDERD_PAYMENTS_STRIPE_SECRET_KEY or "
+                "payments.stripe.secret_key_file");
+        return -1;
+    }
+    if (need && cfg->paypal_enabled && (!cfg->paypal_client_secret || !cfg->paypal_client_id[0])) {
+        set_err(err, errlen,
+                "payments.paypal.enabled needs payments.paypal.client_id and a secret: set "
+                "ORDERD_PAYMENTS_PAYPAL_CLIENT_SECRET or payments.paypal.client_secret_file");
+        return -1;
+    }
     if (cfg->rs256_public_key_file[0]) {
         char *pem;
         size_t len;
@@ -895,6 +1013,10 @@ void srv_config_dispose(srv_config *cfg)
     wipe_free(cfg->hs256_secret, cfg->hs256_secret_len);
     wipe_free(cfg->page_token_secret, cfg->page_token_secret_len);
     wipe_free(cfg->redis_password, cfg->redis_password_len);
+    wipe_free(cfg->stripe_secret_key, cfg->stripe_secret_key_len);
+    wipe_free(cfg->stripe_webhook_secret, cfg->stripe_webhook_secret_len);
+    wipe_free(cfg->paypal_client_secret, cfg->paypal_client_secret_len);
+    wipe_free(cfg->amqp_password, cfg->amqp_password_len);
     free(cfg->rs256_public_key_pem);
     memset(cfg, 0, sizeof *cfg);
 }

@@ -88,12 +88,82 @@ typedef struct srv_config {
     char ratelimit_admin[32];
     char ratelimit_overrides[1024];
 
+    /* orders: expiry of unpaid orders, settlement of payments a failure left unsettled */
+    int64_t pending_ttl_us;    /* PENDING orders older than this become EXPIRED */
+    int64_t sweep_interval_us; /* how often the sweeper looks */
+    int sweep_batch;           /* orders per sweep round */
+    int64_t settle_after_us;   /* retry a settlement this long after the last change */
+
+    /* payments */
+    bool local_enabled; /* the LOCAL development provider */
+    bool stripe_enabled;
+    char stripe_api_base[256];
+    char stripe_api_version[32];
+    unsigned char *stripe_secret_key; /* heap; NULL if none */
+    size_t stripe_secret_key_len;
+    unsigned char *stripe_webhook_secret; /* heap; NULL if none */
+    size_t stripe_webhook_secret_len;
+    int64_t stripe_webhook_tolerance_us;
+    bool paypal_enabled;
+    char paypal_api_base[256];
+    char paypal_client_id[256];
+    unsigned char *paypal_client_secret; /* heap; NULL if none */
+    size_t paypal_client_secret_len;
+    char paypal_webhook_id[128];
+    char paypal_return_url[512];
+    char paypal_cancel_url[512];
+    char paypal_brand_name[128];
+    int64_t pay_timeout_us; /* one provider attempt */
+    int64_t pay_connect_timeout_us;
+    int pay_max_attempts;
+    int64_t pay_backoff_base_us;
+    int64_t pay_backoff_max_us;
+    char pay_ca_file[PATH_MAX]; /* "" = system trust store */
+
+    /* http: the side port (webhooks, /metrics, /healthz) */
+    char http_listen[256]; /* "host:port"; "" = off */
+    int http_threads;
+    int http_max_body_bytes;
+
+    /* amqp */
+    bool amqp_enabled;
+    char amqp_host[256];
+    int amqp_port;
+    char amqp_vhost[128];
+    char amqp_user[128];
+    unsigned char *amqp_password; /* heap; NULL if none */
+    size_t amqp_password_len;
+    int amqp_heartbeat_s;
+    int64_t amqp_timeout_us;
+    int64_t amqp_backoff_max_us;
+    char amqp_exchange[128];
+    bool amqp_declare_queues;
+    char amqp_stock_queue[128];
+    char amqp_order_queue[128];
+    bool amqp_quorum_queues;
+    bool amqp_consume_replies;
+    char amqp_reply_queue[128];
+    char amqp_reply_keys[256];
+    char amqp_dead_letter_exchange[128];
+    char amqp_dead_letter_queue[128];
+    int amqp_prefetch;
+    int amqp_relay_batch;
+    int64_t amqp_relay_idle_poll_us;
+    int64_t amqp_relay_claim_us;
+    int64_t amqp_relay_retry_max_us;
+    int64_t outbox_retention_us;
+    int64_t outbox_stats_interval_us;
+
     /* Where secrets were looked for: absolute paths, "" = not configured. Shown by
      * srv_config_log; the secrets themselves are above. */
     char hs256_secret_file[PATH_MAX];
     char rs256_public_key_file[PATH_MAX];
     char page_token_secret_file[PATH_MAX];
     char redis_password_file[PATH_MAX];
+    char stripe_secret_key_file[PATH_MAX];
+    char stripe_webhook_secret_file[PATH_MAX];
+    char paypal_client_secret_file[PATH_MAX];
+    char amqp_password_file[PATH_MAX];
 } srv_config;
 
 /**

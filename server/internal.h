@@ -108,22 +108,42 @@ struct srv_call {
     void (*stream_free)(void *);
 };
 
+/** What a thread needs to run the domain: its own PostgreSQL store, Redis cache (which may
+ *  wrap the store), payment providers, and the service over them (background.c). */
+typedef struct srv_deps {
+    struct store *store;
+    struct cache *cache;    /* NULL when neither the cache nor rate limits are on */
+    order_store store_port; /* the PostgreSQL store; svc.store may wrap it */
+    order_payments *pay[ORDER_PROVIDER_MAX + 1];
+    order_service svc;
+} srv_deps;
+
 struct srv_worker {
     int index;
     srv_server *srv;
     grpc_completion_queue *cq;
     pthread_t thread;
-    struct store *store;
-    struct cache *cache;    /* NULL when neither the cache nor rate limits are on */
-    order_store store_port; /* the PostgreSQL store; svc.store may wrap it */
-    order_payments *local_pay;
-    order_service svc;
-    srv_call *streams; /* open streaming calls on this worker */
-    int posted;        /* grpc_server_request_call()s outstanding */
+    srv_deps d;
+    struct cache *cache; /* = d.cache */
+    srv_call *streams;   /* open streaming calls on this worker */
+    int posted;          /* grpc_server_request_call()s outstanding */
 };
+
+struct amqp_relay;
+struct amqp_consumer;
+typedef struct srv_http srv_http;
+typedef struct srv_bg srv_bg;
+typedef struct srv_sweeper srv_sweeper;
 
 struct srv_server {
     const srv_config *cfg;
+    srv_http *http;                 /* the side port; NULL if off */
+    struct amqp_relay *relay;       /* NULL if amqp is off */
+    struct amqp_consumer *consumer; /* NULL if off */
+    srv_bg *consumer_bg;            /* the consumer thread's service */
+    srv_sweeper *sweeper;           /* expiry and settlement; NULL if off */
+    void *amqp_settings;            /* amqp_settings the relay and consumer borrow */
+    char *amqp_password;            /* heap C string; wiped at stop */
     srv_auth *auth;
     srv_limits *limits;
     grpc_server *server;
@@ -136,6 +156,45 @@ struct srv_server {
     pthread_t health_thread;
     atomic_bool health_stop;
 };
+
+/* background.c */
+/** Opens *d for the calling thread (store, cache if cache or rate limits are on, providers,
+ *  service). 0, or -1 with err (and *d closed). */
+int srv_deps_open(srv_server *srv, srv_deps *d, char *err, size_t errlen);
+void srv_deps_close(srv_deps *d);
+/** Starts and stops the background threads: the outbox relay, the inventory-reply consumer
+ *  and the sweeper (expiry, settlements), as configured. */
+int srv_background_start(srv_server *srv, char *err, size_t errlen);
+void srv_background_stop(srv_server *srv);
+
+/* background.c: a domain service for a thread that is not a gRPC worker (the HTTP side
+ * port's threads, the inventory-reply consumer, the sweeper). Each has its own PostgreSQL
+ * store, Redis cache in front of it (if configured) and payment providers; it may be
+ * opened on one thread and then used by exactly one thread at a time. */
+srv_bg *srv_bg_open(srv_server *srv, const char *actor, char *err, size_t errlen);
+void srv_bg_close(srv_bg *bg);
+order_service *srv_bg_service(srv_bg *bg);
+/** A context for background work: caller `actor` with service+admin roles, deadline
+ *  timeout_us from now (0 = none), errors into *err (reset). */
+order_ctx srv_bg_ctx(srv_bg *bg, order_error *err, int64_t timeout_us);
+/** The provider instance for p (NULL if not configured); e.g. the PayPal one, for webhook
+ *  verification. */
+order_payments *srv_bg_provider(srv_bg *bg, order_provider p);
+
+/* http.c: the HTTP side port (libmicrohttpd): POST /webhooks/stripe, POST /webhooks/paypal,
+ * GET /metrics, GET /healthz. */
+int srv_http_start(srv_server *srv, char *err, size_t errlen); /* sets srv->http */
+void srv_http_stop(srv_server *srv);
+
+/** The port the side port listens on (the actual one when http.listen asked for port 0);
+ *  0 if it is off. */
+unsigned srv__http_port(const srv_server *srv);
+
+/* metrics.c: counters the access log and the side port feed, and the /metrics page. */
+struct metrics_buf;
+void srv_metrics_rpc(const char *method, grpc_status_code code, int64_t duration_us);
+void srv__metrics_webhook(const char *provider, const char *result);
+int srv__metrics_render(srv_server *srv, struct metrics_buf *b);
 
 /* server.c: call plumbing shared by the handlers */
 

@@ -30,7 +30,7 @@ static void ts_from_us(Google__Protobuf__Timestamp *ts, int64_t us)
 typedef struct pb_order {
     Orders__V1__Order msg;
     Orders__V1__Payment pay;
-    Google__Protobuf__Timestamp created, updated, paid;
+    Google__Protobuf__Timestamp created, updated, paid, refunded, reserved;
     Orders__V1__OrderItem *items;
     Orders__V1__OrderItem **item_ptrs;
 } pb_order;
@@ -61,7 +61,18 @@ static bool pb_order_fill(pb_order *p, const order_t *o)
         ts_from_us(&p->paid, o->paid_at_us);
         p->pay.paid_at = &p->paid;
     }
+    p->pay.charge_id = (char *)o->pay_charge_id;
+    p->pay.receipt_url = (char *)o->pay_receipt_url;
+    p->pay.refund_id = (char *)o->refund_id;
+    if (o->refunded_at_us) {
+        ts_from_us(&p->refunded, o->refunded_at_us);
+        p->pay.refunded_at = &p->refunded;
+    }
     p->msg.payment = &p->pay;
+    if (o->stock_reserved_at_us) {
+        ts_from_us(&p->reserved, o->stock_reserved_at_us);
+        p->msg.stock_reserved_at = &p->reserved;
+    }
 
     if (o->nitems) {
         p->items = calloc(o->nitems, sizeof *p->items);
@@ -143,11 +154,12 @@ void srv_rpc_place_order(srv_call *c, const uint8_t *req, size_t len, srv_reply 
         .lines = lines,
         .nlines = m->n_items,
         .provider = (order_provider)m->payment_provider,
+        .payment_method = m->payment_method,
     };
     order_t o = {0};
     order_payment_action act;
     bool replayed = false;
-    int rc = order_place(&c->w->svc, &c->ctx, &cmd, &o, &act, &replayed);
+    int rc = order_place(&c->w->d.svc, &c->ctx, &cmd, &o, &act, &replayed);
     if (rc != ORDER_OK) {
         srv_reply_domain(r, c->err);
         goto out;
@@ -180,7 +192,7 @@ void srv_rpc_get_order(srv_call *c, const uint8_t *req, size_t len, srv_reply *r
     DECODE(Orders__V1__GetOrderRequest, orders__v1__get_order_request__unpack, req, len, r,
            "orders.v1.GetOrderRequest");
     order_t o = {0};
-    if (order_get(&c->w->svc, &c->ctx, m->order_id, &o) == ORDER_OK)
+    if (order_get(&c->w->d.svc, &c->ctx, m->order_id, &o) == ORDER_OK)
         reply_order(r, &o);
     else
         srv_reply_domain(r, c->err);
@@ -241,7 +253,7 @@ void srv_rpc_list_orders(srv_call *c, const uint8_t *req, size_t len, srv_reply 
             statuses[i] = (int)m->statuses[i];
         cmd.statuses = statuses;
     }
-    if (order_list(&c->w->svc, &c->ctx, &cmd, &orders, &n, &more) != ORDER_OK) {
+    if (order_list(&c->w->d.svc, &c->ctx, &cmd, &orders, &n, &more) != ORDER_OK) {
         srv_reply_domain(r, c->err);
         goto out;
     }
@@ -283,7 +295,7 @@ void srv_rpc_cancel_order(srv_call *c, const uint8_t *req, size_t len, srv_reply
     DECODE(Orders__V1__CancelOrderRequest, orders__v1__cancel_order_request__unpack, req, len, r,
            "orders.v1.CancelOrderRequest");
     order_t o = {0};
-    if (order_cancel(&c->w->svc, &c->ctx, m->order_id, m->reason, &o) == ORDER_OK)
+    if (order_cancel(&c->w->d.svc, &c->ctx, m->order_id, m->reason, &o) == ORDER_OK)
         reply_order(r, &o);
     else
         srv_reply_domain(r, c->err);
@@ -296,7 +308,7 @@ void srv_rpc_confirm_payment(srv_call *c, const uint8_t *req, size_t len, srv_re
     DECODE(Orders__V1__ConfirmPaymentRequest, orders__v1__confirm_payment_request__unpack, req, len,
            r, "orders.v1.ConfirmPaymentRequest");
     order_t o = {0};
-    if (order_confirm_payment(&c->w->svc, &c->ctx, m->order_id, (order_provider)m->provider,
+    if (order_confirm_payment(&c->w->d.svc, &c->ctx, m->order_id, (order_provider)m->provider,
                               m->payment_reference, &o) == ORDER_OK)
         reply_order(r, &o);
     else
@@ -313,7 +325,7 @@ void srv_rpc_update_order_status(srv_call *c, const uint8_t *req, size_t len, sr
     int64_t expected = m->expected_version ? m->expected_version->value : -1;
     if (m->expected_version && expected == -1)
         expected = 0; /* -1 means "any" to the domain; a caller's -1 is just invalid */
-    if (order_update_status(&c->w->svc, &c->ctx, m->order_id, (order_status)m->status, expected,
+    if (order_update_status(&c->w->d.svc, &c->ctx, m->order_id, (order_status)m->status, expected,
                             &o) == ORDER_OK)
         reply_order(r, &o);
     else
@@ -348,7 +360,7 @@ void srv_rpc_upsert_product(srv_call *c, const uint8_t *req, size_t len, srv_rep
              strlen(m->product->currency) > 3 ? "" : m->product->currency);
     p.unit_price_minor = m->product->unit_price_minor;
     p.active = m->product->active;
-    if (order_product_upsert(&c->w->svc, &c->ctx, &p, &out) == ORDER_OK) {
+    if (order_product_upsert(&c->w->d.svc, &c->ctx, &p, &out) == ORDER_OK) {
         Orders__V1__Product pm;
         product_to_pb(&pm, &out);
         r->body = srv_pack(&pm.base);
@@ -363,7 +375,7 @@ void srv_rpc_get_product(srv_call *c, const uint8_t *req, size_t len, srv_reply 
     DECODE(Orders__V1__GetProductRequest, orders__v1__get_product_request__unpack, req, len, r,
            "orders.v1.GetProductRequest");
     order_product out = {0};
-    if (order_product_get(&c->w->svc, &c->ctx, m->product_id, &out) == ORDER_OK) {
+    if (order_product_get(&c->w->d.svc, &c->ctx, m->product_id, &out) == ORDER_OK) {
         Orders__V1__Product pm;
         product_to_pb(&pm, &out);
         r->body = srv_pack(&pm.base);
@@ -420,11 +432,16 @@ bool srv_order_decode(const uint8_t *bytes, size_t len, order_t *out)
     out->created_at_us = ts_to_us(m->created_at);
     out->updated_at_us = ts_to_us(m->updated_at);
     out->version = m->version;
+    out->stock_reserved_at_us = m->stock_reserved_at ? ts_to_us(m->stock_reserved_at) : 0;
     if (ok && m->payment) {
         out->pay_provider = (order_provider)m->payment->provider;
         out->pay_status = (order_pay_status)m->payment->status;
         out->paid_at_us = ts_to_us(m->payment->paid_at);
-        ok = copy_str(out->pay_reference, sizeof out->pay_reference, m->payment->reference);
+        out->refunded_at_us = m->payment->refunded_at ? ts_to_us(m->payment->refunded_at) : 0;
+        ok = copy_str(out->pay_reference, sizeof out->pay_reference, m->payment->reference) &&
+             copy_str(out->pay_charge_id, sizeof out->pay_charge_id, m->payment->charge_id) &&
+             copy_str(out->pay_receipt_url, sizeof out->pay_receipt_url, m->payment->receipt_url) &&
+             copy_str(out->refund_id, sizeof out->refund_id, m->payment->refund_id);
     }
     if (ok && m->n_items) {
         out->items = calloc(m->n_items, sizeof *out->items);

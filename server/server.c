@@ -186,7 +186,9 @@ static void set_request_id(srv_call *c)
 
 static void access_log(srv_call *c, grpc_status_code code, const char *message)
 {
-    double ms = (double)(clock_mono_us() - c->start_mono_us) / 1000.0;
+    int64_t us = clock_mono_us() - c->start_mono_us;
+    srv_metrics_rpc(c->method_name, code, us);
+    double ms = (double)us / 1000.0;
     log_level lvl = (code == GRPC_STATUS_INTERNAL || code == GRPC_STATUS_UNKNOWN) ? LOG_ERROR
                     : code == GRPC_STATUS_UNAVAILABLE                             ? LOG_WARN
                                                                                   : LOG_INFO;
@@ -638,65 +640,18 @@ static void *worker_main(void *arg)
 
 /* ---- start and stop ---- */
 
-static const cache_codec order_codec = {srv_order_encode, srv_order_decode};
-
 static int worker_init(srv_server *srv, srv_worker *w, int index)
 {
     char err[256] = "";
     w->index = index;
     w->srv = srv;
     w->cq = grpc_completion_queue_create_for_next(NULL);
-    w->store = store_open(srv->cfg->pg_dsn, srv->cfg->pg_statement_timeout_us, err, sizeof err);
-    if (!w->store) {
-        log_kv(LOG_ERROR, "cannot create the PostgreSQL store", LOG_F_STR, "error", err, LOG_F_END);
+    if (srv_deps_open(srv, &w->d, err, sizeof err) != 0) {
+        log_kv(LOG_ERROR, "cannot set up a worker (PostgreSQL, Redis, payment providers)",
+               LOG_F_STR, "error", err, LOG_F_END);
         return -1;
     }
-    w->svc.cfg.tax_rate_bps = srv->cfg->tax_rate_bps;
-    w->svc.cfg.max_total_minor = srv->cfg->max_total_minor;
-    store_order_port(w->store, &w->store_port);
-    w->svc.store = w->store_port;
-    const srv_config *cfg = srv->cfg;
-    if (cfg->cache_enabled || cfg->ratelimit_enabled) {
-        /* The password is kept with its length; hiredis wants a C string. */
-        char password[512] = "";
-        if (cfg->redis_password && cfg->redis_password_len < sizeof password) {
-            memcpy(password, cfg->redis_password, cfg->redis_password_len);
-            password[cfg->redis_password_len] = '\0';
-        }
-        cache_options co = {
-            .host = cfg->redis_host,
-            .port = cfg->redis_port,
-            .database = cfg->redis_database,
-            .password = password,
-            .timeout_us = cfg->redis_timeout_us,
-            .backoff_min_us = 100 * 1000,
-            .backoff_max_us = cfg->redis_backoff_max_us,
-            .key_prefix = cfg->cache_key_prefix,
-            .order_ttl_us = cfg->cache_order_ttl_us,
-            .tls = cfg->redis_tls,
-            .tls_ca_file = cfg->redis_tls_ca_file,
-            .tls_cert_file = cfg->redis_tls_cert_file,
-            .tls_key_file = cfg->redis_tls_key_file,
-            .tls_server_name = cfg->redis_tls_server_name,
-        };
-        w->cache = cache_open(&co, err, sizeof err);
-        explicit_bzero(password, sizeof password);
-        if (!w->cache) {
-            log_kv(LOG_ERROR, "cannot set up the Redis cache", LOG_F_STR, "error", err, LOG_F_END);
-            return -1;
-        }
-        if (cfg->cache_enabled)
-            cache_store_wrap(w->cache, &w->store_port, &order_codec, &w->svc.store);
-    }
-    if (strcmp(srv->cfg->environment, "production") != 0) {
-        w->local_pay = pay_local_create(w->store, srv->cfg->environment, err, sizeof err);
-        if (!w->local_pay) {
-            log_kv(LOG_ERROR, "cannot create the LOCAL payment provider", LOG_F_STR, "error", err,
-                   LOG_F_END);
-            return -1;
-        }
-        w->svc.providers[ORDER_PROVIDER_LOCAL] = w->local_pay;
-    }
+    w->cache = w->d.cache;
     grpc_server_register_completion_queue(srv->server, w->cq, NULL); /* (#7) */
     return 0;
 }
@@ -710,9 +665,8 @@ static void worker_dispose(srv_worker *w)
             ;
         grpc_completion_queue_destroy(w->cq);
     }
-    pay_local_destroy(w->local_pay);
-    cache_close(w->cache);
-    store_close(w->store);
+    w->cache = NULL;
+    srv_deps_close(&w->d);
 }
 
 static grpc_server *server_create(const srv_config *cfg)
@@ -807,6 +761,16 @@ int srv_server_run(const srv_config *cfg, const sigset_t *wait_for)
             goto out;
         }
     }
+    if (srv_background_start(&srv, err, sizeof err) != 0) {
+        log_kv(LOG_ERROR, "cannot start the background work (relay, consumer, sweeper)", LOG_F_STR,
+               "error", err, LOG_F_END);
+        goto out;
+    }
+    if (cfg->http_listen[0] && srv_http_start(&srv, err, sizeof err) != 0) {
+        log_kv(LOG_ERROR, "cannot start the HTTP side port", LOG_F_STR, "listen", cfg->http_listen,
+               LOG_F_STR, "error", err, LOG_F_END);
+        goto out;
+    }
     log_kv(LOG_INFO, "orderd serving", LOG_F_STR, "listen", cfg->listen, LOG_F_INT, "port",
            (int64_t)port, LOG_F_INT, "workers", (int64_t)srv.nworkers, LOG_F_STR, "grpc_core",
            grpc_version_string(), LOG_F_END);
@@ -825,6 +789,9 @@ int srv_server_run(const srv_config *cfg, const sigset_t *wait_for)
     usleep(3 * TICK_MS * 1000);
 
 out:
+    /* Webhooks and background work first: they use the database and providers too. */
+    srv_http_stop(&srv);
+    srv_background_stop(&srv);
     atomic_store(&srv.shutting_down, true);
     if (server_started) {
         /* (#25) shutdown_and_notify, wait with a grace period while the workers keep

@@ -36,6 +36,8 @@ grpc_status_code srv_status_for(int code)
         return GRPC_STATUS_DEADLINE_EXCEEDED;
     case ORDER_EABORTED:
         return GRPC_STATUS_ABORTED;
+    case ORDER_EDUPLICATE:
+        return GRPC_STATUS_ALREADY_EXISTS;
     default:
         return GRPC_STATUS_INTERNAL;
     }
@@ -143,17 +145,26 @@ uint8_t *srv_status_details(grpc_status_code code, const char *message, const or
     if (!why && err && err->code == ORDER_EIDEMPOTENCY)
         why = "IDEMPOTENCY_KEY_REUSED";
     Google__Rpc__ErrorInfo ei;
-    Google__Rpc__ErrorInfo__MetadataEntry me, *mep = &me;
+    Google__Rpc__ErrorInfo__MetadataEntry me[1 + ORDER_ERROR_META_MAX];
+    Google__Rpc__ErrorInfo__MetadataEntry *mep[1 + ORDER_ERROR_META_MAX];
     google__rpc__error_info__init(&ei);
     if (why) {
         ei.reason = (char *)why;
         ei.domain = (char *)ERROR_DOMAIN;
+        ei.metadata = mep;
         if (err && err->current_status) {
-            google__rpc__error_info__metadata_entry__init(&me);
-            me.key = (char *)"current_status";
-            me.value = (char *)order_status_enum_name(err->current_status);
-            ei.n_metadata = 1;
-            ei.metadata = &mep;
+            google__rpc__error_info__metadata_entry__init(&me[ei.n_metadata]);
+            me[ei.n_metadata].key = (char *)"current_status";
+            me[ei.n_metadata].value = (char *)order_status_enum_name(err->current_status);
+            mep[ei.n_metadata] = &me[ei.n_metadata];
+            ei.n_metadata++;
+        }
+        for (size_t i = 0; err && i < err->nmeta && i < ORDER_ERROR_META_MAX; i++) {
+            google__rpc__error_info__metadata_entry__init(&me[ei.n_metadata]);
+            me[ei.n_metadata].key = (char *)err->meta_key[i];
+            me[ei.n_metadata].value = (char *)err->meta_value[i];
+            mep[ei.n_metadata] = &me[ei.n_metadata];
+            ei.n_metadata++;
         }
         if (any_pack(&anys[nany], "type.googleapis.com/google.rpc.ErrorInfo", &ei.base))
             nany++;

@@ -27,7 +27,7 @@ struct store_step {
 };
 
 #define STORE_MAX_STEPS    4
-#define STORE_MAX_PREPARED 32
+#define STORE_MAX_PREPARED 64
 
 struct store {
     char *dsn;               /* owned; holds the password, if any: never logged */

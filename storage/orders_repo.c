@@ -24,14 +24,17 @@
 
 #include "common/log.h"
 
-/* The 15 columns fill_order reads, in its order. */
-#define PAID_US    STORE_US("o.paid_at")
-#define CREATED_US STORE_US("o.created_at")
-#define UPDATED_US STORE_US("o.updated_at")
+/* The 20 columns fill_order reads, in its order. */
+#define PAID_US     STORE_US("o.paid_at")
+#define CREATED_US  STORE_US("o.created_at")
+#define UPDATED_US  STORE_US("o.updated_at")
+#define REFUNDED_US STORE_US("o.refunded_at")
+#define RESERVED_US STORE_US("o.stock_reserved_at")
 #define ORDER_COLS                                                                                 \
     "o.id, o.customer_id, o.status, o.currency, o.subtotal_minor, o.tax_minor, o.total_minor, "    \
     "o.payment_provider, o.payment_reference, o.payment_status, " PAID_US                          \
-    ", o.cancel_reason, " CREATED_US ", " UPDATED_US ", o.version"
+    ", o.cancel_reason, " CREATED_US ", " UPDATED_US ", o.version, o.payment_charge_id, "          \
+    "o.receipt_url, o.refund_id, " REFUNDED_US ", " RESERVED_US
 /* The 5 columns fill_item reads. */
 #define ITEM_COLS "i.product_id, i.name, i.quantity, i.unit_price_minor, i.line_total_minor"
 
@@ -93,26 +96,152 @@ static const struct store_sql SQL_ITEMS_GET = {
     "orderd_items_get",
     "SELECT " ITEM_COLS " FROM order_items i WHERE i.order_id = $1::uuid ORDER BY i.line_no"};
 
-/* $1 id, $2 allowed statuses, $3 new status, $4 expected version (-1 any), $5 reason,
- * $6 payment status (NULL keeps), $7 paid_at µs (NULL keeps), $8 actor.
+/* Inbound-event dedupe tables, by order_inbound_kind (0 = none). */
+static const char *const inbound_tables[3] = {NULL, "processed_provider_events",
+                                              "processed_inventory_replies"};
+
+/* Transition: $1 id, $2 allowed statuses, $3 new status, $4 expected version (-1 any),
+ * $5 reason, $6 payment status (NULL keeps), $7 paid_at µs (NULL keeps), $8 actor,
+ * $9 charge id (NULL keeps), $10 receipt url (NULL keeps), $11 payment reference (set only
+ * if the order has none) [, $12 inbound event id].
  * The subquery locks the row first, so `cur.status` is the status the UPDATE replaces
- * even when another transaction changed it meanwhile (READ COMMITTED re-reads it). */
-static const struct store_sql SQL_ORDER_TRANSITION = {
-    "orderd_order_transition",
-    "WITH upd AS ("
-    "  UPDATE orders o SET status = $3, version = o.version + 1, updated_at = clock_timestamp(),"
-    "   cancel_reason = CASE WHEN $3 = 'cancelled' THEN $5 ELSE o.cancel_reason END,"
-    "   payment_status = coalesce($6, o.payment_status),"
-    "   paid_at = coalesce(" STORE_TS(
-        "$7") ", o.paid_at)"
-              "  FROM (SELECT id, status FROM orders WHERE id = $1::uuid FOR UPDATE) cur"
-              "  WHERE o.id = cur.id AND cur.status = ANY($2::text[])"
-              "   AND ($4::bigint < 0 OR o.version = $4::bigint)"
-              "  RETURNING cur.status AS from_status, o.id, o.status AS to_status, o.updated_at),"
+ * even when another transaction changed it meanwhile (READ COMMITTED re-reads it).
+ * With an inbound event, the event must not be recorded yet and is recorded only if the
+ * order moved (its row's insert reads upd). One row: (moved, event seen before). */
+static struct store_sql transition_sql[3];
+static char transition_texts[3][2048];
+static char transition_names[3][40];
+
+/* Amendment: $1 id, $2 provider, $3 reference, $4 payment status, $5 paid_at µs,
+ * $6 charge id, $7 receipt url, $8 refund id, $9 refunded_at µs, $10 stock_reserved_at µs
+ * (NULL keeps each), $11 allowed payment statuses ('none' = no payment; NULL = any)
+ * [, $12 inbound event id]. One row: (changed, event seen before). */
+static struct store_sql amend_sql[3];
+static char amend_texts[3][2048];
+static char amend_names[3][40];
+static pthread_once_t change_once = PTHREAD_ONCE_INIT;
+
+static void change_sql_init(void)
+{
+    for (int k = 0; k < 3; k++) {
+        const char *t = inbound_tables[k];
+        char guard[160] = "", record[200] = "", seen[160] = "false";
+        /* transition */
+        if (t) {
+            snprintf(guard, sizeof guard, " AND NOT EXISTS (SELECT 1 FROM %s WHERE id = $12)", t);
+            snprintf(record, sizeof record,
+                     ", d AS (INSERT INTO %s (id) SELECT $12 FROM upd ON CONFLICT DO NOTHING)", t);
+            snprintf(seen, sizeof seen, "EXISTS (SELECT 1 FROM %s WHERE id = $12)", t);
+        }
+        snprintf(
+            transition_texts[k], sizeof transition_texts[k],
+            "WITH upd AS ("
+            "  UPDATE orders o SET status = $3, version = o.version + 1,"
+            "   updated_at = clock_timestamp(),"
+            "   cancel_reason = CASE WHEN $3 IN ('cancelled', 'expired', 'failed')"
+            "    THEN coalesce($5, o.cancel_reason) ELSE o.cancel_reason END,"
+            "   payment_status = coalesce($6, o.payment_status),"
+            "   paid_at = coalesce(" STORE_TS(
+                "$7") ", o.paid_at),"
+                      "   payment_charge_id = coalesce($9, o.payment_charge_id),"
+                      "   receipt_url = coalesce($10, o.receipt_url),"
+                      "   payment_reference = coalesce(o.payment_reference, $11)"
+                      "  FROM (SELECT id, status FROM orders WHERE id = $1::uuid FOR UPDATE) cur"
+                      "  WHERE o.id = cur.id AND cur.status = ANY($2::text[])"
+                      "   AND ($4::bigint < 0 OR o.version = $4::bigint)%s"
+                      "  RETURNING cur.status AS from_status, o.id, o.status AS to_status, "
+                      "o.updated_at),"
+                      " h AS ("
+                      "  INSERT INTO order_history (order_id, from_status, to_status, actor, "
+                      "reason, at)"
+                      "  SELECT id, from_status, to_status, $8, coalesce($5, ''), updated_at FROM "
+                      "upd)%s"
+                      " SELECT EXISTS (SELECT 1 FROM upd), %s",
+            guard, record, seen);
+        snprintf(transition_names[k], sizeof transition_names[k], "orderd_order_transition_%d", k);
+        transition_sql[k] = (struct store_sql){transition_names[k], transition_texts[k]};
+
+        /* amendment */
+        guard[0] = record[0] = '\0';
+        snprintf(seen, sizeof seen, "false");
+        if (t) {
+            snprintf(guard, sizeof guard, " AND NOT EXISTS (SELECT 1 FROM %s WHERE id = $12)", t);
+            snprintf(record, sizeof record,
+                     ", d AS (INSERT INTO %s (id) SELECT $12 FROM upd ON CONFLICT DO NOTHING)", t);
+            snprintf(seen, sizeof seen, "EXISTS (SELECT 1 FROM %s WHERE id = $12)", t);
+        }
+        snprintf(amend_texts[k], sizeof amend_texts[k],
+                 "WITH upd AS ("
+                 "  UPDATE orders o SET version = o.version + 1, updated_at = clock_timestamp(),"
+                 "   payment_provider = coalesce($2, o.payment_provider),"
+                 "   payment_reference = coalesce($3, o.payment_reference),"
+                 "   payment_status = coalesce($4, o.payment_status),"
+                 "   paid_at = coalesce(" STORE_TS(
+                     "$5") ", o.paid_at),"
+                           "   payment_charge_id = coalesce($6, o.payment_charge_id),"
+                           "   receipt_url = coalesce($7, o.receipt_url),"
+                           "   refund_id = coalesce($8, o.refund_id),"
+                           "   refunded_at = coalesce(" STORE_TS(
+                               "$9") ", o.refunded_at),"
+                                     "   stock_reserved_at = coalesce(" STORE_TS(
+                                         "$10") ", o.stock_reserved_at)"
+                                                "  WHERE o.id = $1::uuid"
+                                                "   AND ($11::text[] IS NULL OR "
+                                                "coalesce(o.payment_status, 'none') = "
+                                                "ANY($11::text[]))%s"
+                                                "  RETURNING o.id)%s"
+                                                " SELECT EXISTS (SELECT 1 FROM upd), %s",
+                 guard, record, seen);
+        snprintf(amend_names[k], sizeof amend_names[k], "orderd_order_amend_%d", k);
+        amend_sql[k] = (struct store_sql){amend_names[k], amend_texts[k]};
+    }
+}
+
+/* Locks an order's row for the rest of the transaction (see transition_once). */
+static const struct store_sql SQL_ORDER_LOCK = {
+    "orderd_order_lock", "SELECT 1 FROM orders WHERE id = $1::uuid FOR UPDATE"};
+
+static const struct store_sql SQL_SEEN_PROVIDER = {
+    "orderd_seen_provider",
+    "SELECT EXISTS (SELECT 1 FROM processed_provider_events WHERE id = $1)"};
+static const struct store_sql SQL_SEEN_INVENTORY = {
+    "orderd_seen_inventory",
+    "SELECT EXISTS (SELECT 1 FROM processed_inventory_replies WHERE id = $1)"};
+
+/* The order whose payment reference or charge id is $2, with provider $1. */
+static const struct store_sql SQL_ORDER_BY_PAYMENT = {
+    "orderd_order_by_payment", "SELECT " ORDER_COLS " FROM orders o WHERE o.payment_provider = $1"
+                               " AND (o.payment_reference = $2 OR o.payment_charge_id = $2)"
+                               " ORDER BY o.created_at LIMIT 1"};
+static const struct store_sql SQL_ITEMS_BY_PAYMENT = {
+    "orderd_items_by_payment", "SELECT " ITEM_COLS " FROM order_items i WHERE i.order_id = ("
+                               " SELECT o.id FROM orders o WHERE o.payment_provider = $1"
+                               " AND (o.payment_reference = $2 OR o.payment_charge_id = $2)"
+                               " ORDER BY o.created_at LIMIT 1) ORDER BY i.line_no"};
+
+/* Expiry: $1 created before (µs), $2 limit, $3 reason, $4 actor. The claimed rows are
+ * locked FOR UPDATE SKIP LOCKED: a replica sweeping at the same time takes others. */
+static const struct store_sql SQL_EXPIRE_DUE = {
+    "orderd_orders_expire_due",
+    "WITH c AS ("
+    "  SELECT id FROM orders WHERE status = 'pending' AND created_at < " STORE_TS(
+        "$1") "  ORDER BY created_at LIMIT $2::int FOR UPDATE SKIP LOCKED),"
+              " upd AS ("
+              "  UPDATE orders o SET status = 'expired', version = o.version + 1,"
+              "   updated_at = clock_timestamp(), cancel_reason = $3"
+              "  FROM c WHERE o.id = c.id AND o.status = 'pending' RETURNING o.*),"
               " h AS ("
               "  INSERT INTO order_history (order_id, from_status, to_status, actor, reason, at)"
-              "  SELECT id, from_status, to_status, $8, coalesce($5, ''), updated_at FROM upd)"
-              " SELECT from_status FROM upd"};
+              "  SELECT id, 'pending', 'expired', $4, $3, updated_at FROM upd)"
+              " SELECT " ORDER_COLS " FROM upd o ORDER BY o.created_at, o.id"};
+
+/* Orders owed a settlement: $1 changed before (µs), $2 limit. */
+static const struct store_sql SQL_UNSETTLED = {
+    "orderd_orders_unsettled",
+    "SELECT " ORDER_COLS " FROM orders o"
+    " WHERE o.status IN ('cancelled', 'expired', 'failed')"
+    "  AND o.payment_status IN ('pending', 'succeeded') AND o.updated_at < " STORE_TS(
+        "$1") " ORDER BY o.updated_at LIMIT $2::int FOR UPDATE SKIP LOCKED"};
 
 static const struct store_sql SQL_ORDER_SET_PAYMENT = {
     "orderd_order_set_payment",
@@ -148,6 +277,11 @@ static int fill_order(order_ctx *ctx, const PGresult *r, int row, int col0, orde
     o->created_at_us = store__int(r, row, col0 + 12);
     o->updated_at_us = store__int(r, row, col0 + 13);
     o->version = store__int(r, row, col0 + 14);
+    store__str(o->pay_charge_id, sizeof o->pay_charge_id, r, row, col0 + 15);
+    store__str(o->pay_receipt_url, sizeof o->pay_receipt_url, r, row, col0 + 16);
+    store__str(o->refund_id, sizeof o->refund_id, r, row, col0 + 17);
+    o->refunded_at_us = store__int(r, row, col0 + 18);
+    o->stock_reserved_at_us = store__int(r, row, col0 + 19);
     if (o->status == ORDER_STATUS_UNSPECIFIED) {
         log_kv(LOG_ERROR, "order with an unknown status in the database", LOG_F_STR, "order_id",
                o->id, LOG_F_END);
@@ -605,12 +739,35 @@ static int repo_order_transition(void *self, order_ctx *ctx, const order_transit
     return rc;
 }
 
+static bool inbound_ok(order_ctx *ctx, const order_inbound *in, int *kind)
+{
+    *kind = 0;
+    if (!in)
+        return true;
+    if ((in->kind != ORDER_INBOUND_PROVIDER && in->kind != ORDER_INBOUND_INVENTORY) || !in->id ||
+        !*in->id) {
+        order_fail(ctx->err, ORDER_EINTERNAL, "bad inbound event (kind %d)", (int)in->kind);
+        return false;
+    }
+    *kind = (int)in->kind;
+    return true;
+}
+
+static bool is_true(const PGresult *r, int row, int col)
+{
+    return strcmp(PQgetvalue(r, row, col), "t") == 0;
+}
+
 static int transition_once(struct store *s, order_ctx *ctx, const order_transition *t, order_t *out)
 {
     const char *to = order_status_name(t->to);
+    int kind;
     if (!to || !t->from_set)
         return order_fail(ctx->err, ORDER_EINTERNAL, "bad transition (to %d, from set %#x)",
                           (int)t->to, t->from_set);
+    if (!inbound_ok(ctx, t->inbound, &kind))
+        return ORDER_EINTERNAL;
+    pthread_once(&change_once, change_sql_init);
     store_buf from = {0};
     status_array(&from, t->from_set);
     if (from.oom) {
@@ -618,7 +775,7 @@ static int transition_once(struct store *s, order_ctx *ctx, const order_transiti
         return order_fail(ctx->err, ORDER_EINTERNAL, "out of memory");
     }
     store_num ver, paid;
-    const char *params[8] = {
+    const char *params[12] = {
         t->order_id,
         from.p,
         to,
@@ -627,13 +784,24 @@ static int transition_once(struct store *s, order_ctx *ctx, const order_transiti
         order_pay_status_name(t->pay_status), /* NULL keeps the current one */
         t->paid_at_us > 0 ? store__num(&paid, t->paid_at_us) : NULL,
         ctx->caller.subject,
+        t->charge_id && *t->charge_id ? t->charge_id : NULL,
+        t->receipt_url && *t->receipt_url ? t->receipt_url : NULL,
+        t->reference && *t->reference ? t->reference : NULL,
+        kind ? t->inbound->id : NULL,
     };
-    struct store_step steps[3] = {{&SQL_ORDER_TRANSITION, 8, params},
+    /* With an inbound event the row is locked by a statement of its own first, so the
+     * transition's snapshot (taken after the lock) sees an event a concurrent delivery
+     * just recorded: one applies, the other is a duplicate. */
+    struct store_step steps[4] = {{&SQL_ORDER_LOCK, 1, params},
+                                  {&transition_sql[kind], kind ? 12 : 11, params},
                                   {&SQL_ORDER_GET, 1, params},
                                   {&SQL_ITEMS_GET, 1, params}};
-    PGresult *r[3];
-    int rc = store__tx(s, ctx, "order_transition", STORE_TX_BADID_NOTFOUND, steps, 3, r);
+    PGresult *r4[4], **r = r4 + (kind ? 1 : 0);
+    int rc = store__tx(s, ctx, "order_transition", STORE_TX_BADID_NOTFOUND, steps + (kind ? 0 : 1),
+                       kind ? 4 : 3, r4);
     store__buf_free(&from);
+    if (rc == ORDER_OK && kind)
+        store__clear(r4, 1);
     if (rc == ORDER_ENOTFOUND)
         return order_fail(ctx->err, rc, "order %s not found", t->order_id);
     if (rc != ORDER_OK)
@@ -642,7 +810,8 @@ static int transition_once(struct store *s, order_ctx *ctx, const order_transiti
         store__clear(r, 3);
         return order_fail(ctx->err, ORDER_ENOTFOUND, "order %s not found", t->order_id);
     }
-    bool moved = PQntuples(r[0]) == 1;
+    bool moved = PQntuples(r[0]) == 1 && is_true(r[0], 0, 0);
+    bool seen = PQntuples(r[0]) == 1 && is_true(r[0], 0, 1);
     rc = read_order(ctx, r[1], 0, r[2], out);
     store__clear(r, 3);
     if (rc != ORDER_OK) {
@@ -651,6 +820,9 @@ static int transition_once(struct store *s, order_ctx *ctx, const order_transiti
     }
     if (moved)
         return ORDER_OK;
+    if (seen)
+        return order_fail(ctx->err, ORDER_EDUPLICATE, "event %s was already applied",
+                          t->inbound->id);
 
     /* Refused: say why, with the current order in *out. */
     order_error *e = ctx->err;
@@ -670,6 +842,205 @@ static int transition_once(struct store *s, order_ctx *ctx, const order_transiti
     snprintf(e->precondition_type, sizeof e->precondition_type, "ORDER_STATUS");
     return order_fail(e, ORDER_EPRECONDITION, "order is %s; expected %s",
                       order_status_name(out->status), want);
+}
+
+/* {"pending","none"} of the payment statuses in `set` ('none' = no payment yet). */
+static void pay_status_array(store_buf *b, unsigned set)
+{
+    store__buf_raw(b, "{");
+    bool first = true;
+    for (int st = 0; st <= ORDER_PAY_FAILED; st++) {
+        if (!(set & ORDER_PAY_BIT(st)))
+            continue;
+        if (!first)
+            store__buf_raw(b, ",");
+        store__buf_text_elem(b, st == 0 ? "none" : order_pay_status_name((order_pay_status)st));
+        first = false;
+    }
+    store__buf_raw(b, "}");
+}
+
+static const char *opt_str(const char *v)
+{
+    return v && *v ? v : NULL;
+}
+
+static int repo_order_amend(void *self, order_ctx *ctx, const order_amendment *a, order_t *out)
+{
+    struct store *s = self;
+    int kind;
+    if (!inbound_ok(ctx, a->inbound, &kind))
+        return ORDER_EINTERNAL;
+    pthread_once(&change_once, change_sql_init);
+    store_buf set = {0};
+    if (a->pay_from_set) {
+        pay_status_array(&set, a->pay_from_set);
+        if (set.oom) {
+            store__buf_free(&set);
+            return order_fail(ctx->err, ORDER_EINTERNAL, "out of memory");
+        }
+    }
+    store_num paid, refunded, reserved;
+    const char *params[12] = {
+        a->order_id,
+        a->provider != ORDER_PROVIDER_UNSPECIFIED ? order_provider_name(a->provider) : NULL,
+        opt_str(a->reference),
+        order_pay_status_name(a->pay_status),
+        a->paid_at_us > 0 ? store__num(&paid, a->paid_at_us) : NULL,
+        opt_str(a->charge_id),
+        opt_str(a->receipt_url),
+        opt_str(a->refund_id),
+        a->refunded_at_us > 0 ? store__num(&refunded, a->refunded_at_us) : NULL,
+        a->stock_reserved_at_us > 0 ? store__num(&reserved, a->stock_reserved_at_us) : NULL,
+        a->pay_from_set ? set.p : NULL,
+        kind ? a->inbound->id : NULL,
+    };
+    struct store_step steps[4] = {{&SQL_ORDER_LOCK, 1, params},
+                                  {&amend_sql[kind], kind ? 12 : 11, params},
+                                  {&SQL_ORDER_GET, 1, params},
+                                  {&SQL_ITEMS_GET, 1, params}};
+    PGresult *r4[4], **r = r4 + (kind ? 1 : 0);
+    int rc = store__tx(s, ctx, "order_amend", STORE_TX_BADID_NOTFOUND, steps + (kind ? 0 : 1),
+                       kind ? 4 : 3, r4);
+    store__buf_free(&set);
+    if (rc == ORDER_OK && kind)
+        store__clear(r4, 1);
+    if (rc == ORDER_ENOTFOUND)
+        return order_fail(ctx->err, rc, "order %s not found", a->order_id);
+    if (rc != ORDER_OK)
+        return rc;
+    if (PQntuples(r[1]) != 1) {
+        store__clear(r, 3);
+        return order_fail(ctx->err, ORDER_ENOTFOUND, "order %s not found", a->order_id);
+    }
+    bool changed = PQntuples(r[0]) == 1 && is_true(r[0], 0, 0);
+    bool seen = PQntuples(r[0]) == 1 && is_true(r[0], 0, 1);
+    rc = read_order(ctx, r[1], 0, r[2], out);
+    store__clear(r, 3);
+    if (rc != ORDER_OK) {
+        order_clear(out);
+        return rc;
+    }
+    if (changed)
+        return ORDER_OK;
+    if (seen)
+        return order_fail(ctx->err, ORDER_EDUPLICATE, "event %s was already applied",
+                          a->inbound->id);
+    order_error *e = ctx->err;
+    snprintf(e->precondition_type, sizeof e->precondition_type, "PAYMENT_STATUS");
+    snprintf(e->precondition_subject, sizeof e->precondition_subject, "%s", out->id);
+    e->current_status = (int)out->status;
+    const char *ps = order_pay_status_name(out->pay_status);
+    return order_fail(e, ORDER_EPRECONDITION, "the order's payment is %s", ps ? ps : "not set up");
+}
+
+static int repo_inbound_seen(void *self, order_ctx *ctx, const order_inbound *in, bool *seen)
+{
+    struct store *s = self;
+    int kind;
+    *seen = false;
+    if (!in || !inbound_ok(ctx, in, &kind))
+        return order_fail(ctx->err, ORDER_EINTERNAL, "no inbound event to look up");
+    const char *params[1] = {in->id};
+    struct store_step step = {
+        kind == ORDER_INBOUND_PROVIDER ? &SQL_SEEN_PROVIDER : &SQL_SEEN_INVENTORY, 1, params};
+    PGresult *r;
+    int rc = store__tx(s, ctx, "inbound_seen", 0, &step, 1, &r);
+    if (rc != ORDER_OK)
+        return rc;
+    *seen = PQntuples(r) == 1 && is_true(r, 0, 0);
+    store__clear(&r, 1);
+    return ORDER_OK;
+}
+
+static int repo_order_find_by_payment(void *self, order_ctx *ctx, order_provider p, const char *ref,
+                                      order_t *out)
+{
+    struct store *s = self;
+    const char *pname = order_provider_name(p);
+    if (!pname || !ref || !*ref)
+        return order_fail(ctx->err, ORDER_ENOTFOUND, "no order has this payment");
+    const char *params[2] = {pname, ref};
+    struct store_step steps[2] = {{&SQL_ORDER_BY_PAYMENT, 2, params},
+                                  {&SQL_ITEMS_BY_PAYMENT, 2, params}};
+    PGresult *r[2];
+    int rc = store__tx(s, ctx, "order_find_by_payment", 0, steps, 2, r);
+    if (rc != ORDER_OK)
+        return rc;
+    if (PQntuples(r[0]) != 1) {
+        store__clear(r, 2);
+        return order_fail(ctx->err, ORDER_ENOTFOUND, "no %s payment %s", pname, ref);
+    }
+    rc = read_order(ctx, r[0], 0, r[1], out);
+    store__clear(r, 2);
+    if (rc != ORDER_OK)
+        order_clear(out);
+    return rc;
+}
+
+/* Reads every row of r as an order, then their items: a heap array for order_list_free. */
+static int read_orders(struct store *s, order_ctx *ctx, PGresult *r, order_t **out, size_t *n)
+{
+    int rows = PQntuples(r);
+    *out = NULL;
+    *n = 0;
+    if (rows == 0)
+        return ORDER_OK;
+    order_t *orders = calloc((size_t)rows, sizeof *orders);
+    if (!orders)
+        return order_fail(ctx->err, ORDER_EINTERNAL, "out of memory");
+    int rc = ORDER_OK;
+    for (int row = 0; row < rows && rc == ORDER_OK; row++)
+        rc = fill_order(ctx, r, row, 0, &orders[row]);
+    if (rc == ORDER_OK)
+        rc = attach_items(s, ctx, orders, (size_t)rows);
+    if (rc != ORDER_OK) {
+        order_list_free(orders, (size_t)rows);
+        return rc;
+    }
+    *out = orders;
+    *n = (size_t)rows;
+    return ORDER_OK;
+}
+
+static int repo_orders_expire_due(void *self, order_ctx *ctx, int64_t created_before_us,
+                                  const char *reason, size_t max, order_t **out, size_t *n)
+{
+    struct store *s = self;
+    *out = NULL;
+    *n = 0;
+    store_num before, lim;
+    const char *params[4] = {store__num(&before, created_before_us),
+                             store__num(&lim, (int64_t)(max ? max : 1)), reason,
+                             ctx->caller.subject};
+    struct store_step step = {&SQL_EXPIRE_DUE, 4, params};
+    PGresult *r;
+    int rc = store__tx(s, ctx, "orders_expire_due", 0, &step, 1, &r);
+    if (rc != ORDER_OK)
+        return rc;
+    /* Committed: items are read in a second transaction (they never change). */
+    rc = read_orders(s, ctx, r, out, n);
+    store__clear(&r, 1);
+    return rc;
+}
+
+static int repo_orders_unsettled(void *self, order_ctx *ctx, int64_t changed_before_us, size_t max,
+                                 order_t **out, size_t *n)
+{
+    struct store *s = self;
+    *out = NULL;
+    *n = 0;
+    store_num before, lim;
+    const char *params[2] = {store__num(&before, changed_before_us),
+                             store__num(&lim, (int64_t)(max ? max : 1))};
+    struct store_step step = {&SQL_UNSETTLED, 2, params};
+    PGresult *r;
+    int rc = store__tx(s, ctx, "orders_unsettled", 0, &step, 1, &r);
+    if (rc != ORDER_OK)
+        return rc;
+    rc = read_orders(s, ctx, r, out, n);
+    store__clear(&r, 1);
+    return rc;
 }
 
 static int repo_order_set_payment(void *self, order_ctx *ctx, const char *order_id,
@@ -711,5 +1082,10 @@ void store_order_port(struct store *s, order_store *out)
         .order_list = repo_order_list,
         .order_transition = repo_order_transition,
         .order_set_payment = repo_order_set_payment,
+        .order_amend = repo_order_amend,
+        .inbound_seen = repo_inbound_seen,
+        .order_find_by_payment = repo_order_find_by_payment,
+        .orders_expire_due = repo_orders_expire_due,
+        .orders_unsettled = repo_orders_unsettled,
     };
 }

@@ -447,6 +447,147 @@ static int f_order_set_payment(void *self, order_ctx *ctx, const char *order_id,
     return rc;
 }
 
+static void set_opt(char *dst, size_t cap, const char *v)
+{
+    if (v && *v)
+        snprintf(dst, cap, "%s", v);
+}
+
+static int f_inbound_seen(void *self, order_ctx *ctx, const order_inbound *in, bool *seen)
+{
+    (void)self;
+    (void)ctx;
+    (void)in;
+    *seen = false;
+    return ORDER_OK;
+}
+
+static int f_order_amend(void *self, order_ctx *ctx, const order_amendment *a, order_t *out)
+{
+    fake_store *f = self;
+    atomic_fetch_add(&f->amends, 1);
+    pthread_mutex_lock(&f->mu);
+    int rc = ORDER_OK;
+    order_t *o = find(f, a->order_id);
+    if (f->fail_transition) {
+        rc = order_fail(ctx->err, f->fail_transition, "injected");
+    } else if (!o) {
+        rc = order_fail(ctx->err, ORDER_ENOTFOUND, "no order");
+    } else if (a->pay_from_set && !(a->pay_from_set & ORDER_PAY_BIT(o->pay_status))) {
+        rc = order_fail(ctx->err, ORDER_EPRECONDITION, "payment status");
+        ctx->err->current_status = (int)o->status;
+        (void)order_copy(out, o);
+    } else {
+        if (a->provider != ORDER_PROVIDER_UNSPECIFIED)
+            o->pay_provider = a->provider;
+        set_opt(o->pay_reference, sizeof o->pay_reference, a->reference);
+        if (a->pay_status != ORDER_PAY_UNSPECIFIED)
+            o->pay_status = a->pay_status;
+        if (a->paid_at_us > 0)
+            o->paid_at_us = a->paid_at_us;
+        set_opt(o->pay_charge_id, sizeof o->pay_charge_id, a->charge_id);
+        set_opt(o->pay_receipt_url, sizeof o->pay_receipt_url, a->receipt_url);
+        set_opt(o->refund_id, sizeof o->refund_id, a->refund_id);
+        if (a->refunded_at_us > 0)
+            o->refunded_at_us = a->refunded_at_us;
+        if (a->stock_reserved_at_us > 0)
+            o->stock_reserved_at_us = a->stock_reserved_at_us;
+        o->version++;
+        o->updated_at_us++;
+        rc = order_copy(out, o);
+    }
+    pthread_mutex_unlock(&f->mu);
+    return rc;
+}
+
+static int f_order_find_by_payment(void *self, order_ctx *ctx, order_provider p, const char *ref,
+                                   order_t *out)
+{
+    fake_store *f = self;
+    atomic_fetch_add(&f->finds, 1);
+    pthread_mutex_lock(&f->mu);
+    int rc = order_fail(ctx->err, ORDER_ENOTFOUND, "no payment %s", ref ? ref : "");
+    for (int i = 0; ref && *ref && i < FAKE_MAX_ORDERS; i++) {
+        order_t *o = &f->orders[i];
+        if (o->id[0] && o->pay_provider == p &&
+            (strcmp(o->pay_reference, ref) == 0 || strcmp(o->pay_charge_id, ref) == 0)) {
+            order_error_reset(ctx->err);
+            rc = order_copy(out, o);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&f->mu);
+    return rc;
+}
+
+/* Copies of the orders `want` picks (at most max, 0 = 1), after applying `change` to each. */
+static int f_pick(fake_store *f, order_ctx *ctx, bool (*want)(const order_t *, int64_t),
+                  int64_t arg, void (*change)(order_t *, const char *), const char *reason,
+                  size_t max, order_t **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    if (max == 0)
+        max = 1;
+    pthread_mutex_lock(&f->mu);
+    order_t *res = calloc(FAKE_MAX_ORDERS, sizeof *res);
+    int rc = res ? ORDER_OK : order_fail(ctx->err, ORDER_EINTERNAL, "out of memory");
+    size_t m = 0;
+    for (int i = 0; rc == ORDER_OK && i < FAKE_MAX_ORDERS && m < max; i++) {
+        order_t *o = &f->orders[i];
+        if (!o->id[0] || !want(o, arg))
+            continue;
+        if (change)
+            change(o, reason);
+        rc = order_copy(&res[m++], o);
+    }
+    pthread_mutex_unlock(&f->mu);
+    if (rc != ORDER_OK || m == 0) {
+        order_list_free(res, m);
+        return rc;
+    }
+    *out = res;
+    *n = m;
+    return ORDER_OK;
+}
+
+static bool f_want_expiring(const order_t *o, int64_t created_before_us)
+{
+    return o->status == ORDER_STATUS_PENDING && o->created_at_us < created_before_us;
+}
+
+static void f_expire(order_t *o, const char *reason)
+{
+    o->status = ORDER_STATUS_EXPIRED;
+    snprintf(o->cancel_reason, sizeof o->cancel_reason, "%s", reason ? reason : "");
+    o->version++;
+    o->updated_at_us++;
+}
+
+static bool f_want_unsettled(const order_t *o, int64_t changed_before_us)
+{
+    return (o->status == ORDER_STATUS_CANCELLED || o->status == ORDER_STATUS_EXPIRED ||
+            o->status == ORDER_STATUS_FAILED) &&
+           (o->pay_status == ORDER_PAY_PENDING || o->pay_status == ORDER_PAY_SUCCEEDED) &&
+           o->updated_at_us < changed_before_us;
+}
+
+static int f_orders_expire_due(void *self, order_ctx *ctx, int64_t created_before_us,
+                               const char *reason, size_t max, order_t **out, size_t *n)
+{
+    fake_store *f = self;
+    atomic_fetch_add(&f->expiries, 1);
+    return f_pick(f, ctx, f_want_expiring, created_before_us, f_expire, reason, max, out, n);
+}
+
+static int f_orders_unsettled(void *self, order_ctx *ctx, int64_t changed_before_us, size_t max,
+                              order_t **out, size_t *n)
+{
+    fake_store *f = self;
+    atomic_fetch_add(&f->unsettled, 1);
+    return f_pick(f, ctx, f_want_unsettled, changed_before_us, NULL, NULL, max, out, n);
+}
+
 order_store fake_port(fake_store *f)
 {
     order_store s = {
@@ -455,6 +596,11 @@ order_store fake_port(fake_store *f)
         .order_get = f_order_get,
         .order_transition = f_order_transition,
         .order_set_payment = f_order_set_payment,
+        .order_amend = f_order_amend,
+        .inbound_seen = f_inbound_seen,
+        .order_find_by_payment = f_order_find_by_payment,
+        .orders_expire_due = f_orders_expire_due,
+        .orders_unsettled = f_orders_unsettled,
     };
     return s;
 }

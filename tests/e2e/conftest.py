@@ -10,6 +10,10 @@ Environment:
   ORDERD_E2E_REDIS    the session's Redis, host:port (default 127.0.0.1:56379, the
                       stack's); when nothing answers there, the suite starts a private
                       redis-server on a free port for the session
+The session also starts the local fakes of Stripe and PayPal (tests/fakes) and points
+orderd at them, opens orderd's HTTP side port (webhooks, /metrics) on a free port, and
+gives orderd an AMQP exchange and queues of its own on the stack's RabbitMQ
+(ORDERD_E2E_AMQP, host:port, default 127.0.0.1:55672), named e2e-<random>.*.
 The session's orderd runs with its cache and rate limits on, limits high enough never to
 refuse (100000/100000 for every role, no overrides), and a key prefix of its own
 (e2e-<random>:), so runs never see each other's keys; its keys are deleted at the end.
@@ -52,6 +56,53 @@ def _ensure_database(dsn):
         pytest.exit("cannot create %s: %s" % (dbname, r.stderr.strip()), 2)
 
 
+STRIPE_KEY = "sk_test_fake"
+STRIPE_WEBHOOK_SECRET = "whsec_e2e_" + "0123456789abcdef" * 2
+PAYPAL_CLIENT_ID = "e2e-client"
+PAYPAL_SECRET = "e2e-secret-" + "x" * 21
+PAYPAL_WEBHOOK_ID = "WH-E2E-1"
+
+
+class FakeProvider:
+    """A fake provider process (tests/fakes/fake_*.py) on a free loopback port."""
+
+    def __init__(self, script, args, logdir, name):
+        self.name = name
+        self.log_path = os.path.join(logdir, name + ".log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", os.path.join(e2e.REPO, "tests", "fakes", script), "--port",
+             "0"] + list(args), stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("LISTENING "):
+            self.proc.kill()
+            raise RuntimeError("%s did not start: %r (see %s)" % (name, line, self.log_path))
+        self.port = int(line.split()[1])
+        self.base = "http://127.0.0.1:%d" % self.port
+
+    def control(self, path, body=None, method=None):
+        """Calls the fake's control API (/_fake/...); returns the decoded JSON answer."""
+        import json
+        import urllib.request
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data,
+                                     method=method or ("POST" if data is not None else "GET"),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 class Caller:
     def __init__(self, sub, roles, token):
         self.sub = sub
@@ -65,8 +116,14 @@ class Caller:
 class E2E:
     """What the tests get: the running server, an Api on it, tokens and products."""
 
-    def __init__(self, server, env, secret, page_secret, logdir, redis):
+    def __init__(self, server, env, secret, page_secret, logdir, redis, stripe=None,
+                 paypal=None):
         self.server = server
+        self.stripe = stripe
+        self.paypal = paypal
+        self.http_base = "http://127.0.0.1:%s" % env.get("ORDERD_HTTP_LISTEN", ":").rsplit(
+            ":", 1)[1]
+        self.amqp_exchange = env.get("ORDERD_AMQP_EXCHANGE")
         self.env = env
         self.secret = secret
         self.page_secret = page_secret
@@ -95,7 +152,9 @@ class E2E:
         full = dict(self.env)
         full["ORDERD_CACHE_KEY_PREFIX"] = "e2e-%s:" % uuid.uuid4().hex[:12]
         full.update(env or {})
-        srv = e2e.Orderd(full, self.logdir, "%s-%s" % (name, uuid.uuid4().hex[:6])).start()
+        keep_http = "ORDERD_HTTP_LISTEN" in (env or {})
+        srv = e2e.Orderd(full, self.logdir, "%s-%s" % (name, uuid.uuid4().hex[:6]),
+                         keep_http=keep_http).start()
         try:
             srv.wait_health(e2e.health_pb2.HealthCheckResponse.SERVING, timeout=20)
             srv.api = e2e.Api(srv.channel)
@@ -210,7 +269,43 @@ def orderd():
     env = e2e.base_env(e2e.PG_DSN, secret, page_secret)
     logdir = tempfile.mkdtemp(prefix="orderd-e2e-")
     redis_host, redis_port, own_redis = _session_redis(logdir)
-    prefix = "e2e-%s:" % uuid.uuid4().hex[:12]
+    tag = uuid.uuid4().hex[:12]
+    prefix = "e2e-%s:" % tag
+    stripe = FakeProvider("fake_stripe.py", ["--key", STRIPE_KEY], logdir, "fake-stripe")
+    paypal = FakeProvider("fake_paypal.py", ["--client-id", PAYPAL_CLIENT_ID, "--client-secret",
+                                             PAYPAL_SECRET, "--webhook-id", PAYPAL_WEBHOOK_ID],
+                          logdir, "fake-paypal")
+    _SESSION["fakes"] = (stripe, paypal)
+    amqp_host, _, amqp_port = os.environ.get("ORDERD_E2E_AMQP", "127.0.0.1:55672").rpartition(":")
+    env.update({
+        "ORDERD_PAYMENTS_LOCAL_ENABLED": "true",
+        "ORDERD_PAYMENTS_STRIPE_ENABLED": "true",
+        "ORDERD_PAYMENTS_STRIPE_API_BASE": stripe.base,
+        "ORDERD_PAYMENTS_STRIPE_SECRET_KEY": STRIPE_KEY,
+        "ORDERD_PAYMENTS_STRIPE_WEBHOOK_SECRET": STRIPE_WEBHOOK_SECRET,
+        "ORDERD_PAYMENTS_PAYPAL_ENABLED": "true",
+        "ORDERD_PAYMENTS_PAYPAL_API_BASE": paypal.base,
+        "ORDERD_PAYMENTS_PAYPAL_CLIENT_ID": PAYPAL_CLIENT_ID,
+        "ORDERD_PAYMENTS_PAYPAL_CLIENT_SECRET": PAYPAL_SECRET,
+        "ORDERD_PAYMENTS_PAYPAL_WEBHOOK_ID": PAYPAL_WEBHOOK_ID,
+        "ORDERD_PAYMENTS_TIMEOUT": "3s",
+        "ORDERD_PAYMENTS_BACKOFF_BASE": "50ms",
+        "ORDERD_PAYMENTS_BACKOFF_MAX": "200ms",
+        "ORDERD_HTTP_LISTEN": "127.0.0.1:%d" % e2e.free_port(),
+        "ORDERD_AMQP_ENABLED": "true",
+        "ORDERD_AMQP_HOST": amqp_host,
+        "ORDERD_AMQP_PORT": amqp_port,
+        "ORDERD_AMQP_EXCHANGE": "e2e-%s.events" % tag,
+        "ORDERD_AMQP_STOCK_QUEUE": "e2e-%s.stock" % tag,
+        "ORDERD_AMQP_ORDER_QUEUE": "e2e-%s.orders" % tag,
+        "ORDERD_AMQP_REPLY_QUEUE": "e2e-%s.replies" % tag,
+        "ORDERD_AMQP_DEAD_LETTER_EXCHANGE": "e2e-%s.dead-letter" % tag,
+        "ORDERD_AMQP_DEAD_LETTER_QUEUE": "e2e-%s.dead-letter" % tag,
+        "ORDERD_AMQP_RELAY_IDLE_POLL": "200ms",
+        "ORDERD_AMQP_RELAY_RETRY_MAX": "2s",
+        "ORDERD_AMQP_TIMEOUT": "3s",
+        "ORDERD_AMQP_RECONNECT_BACKOFF_MAX": "1s",
+    })
     env.update({
         "ORDERD_REDIS_HOST": redis_host,
         "ORDERD_REDIS_PORT": str(redis_port),
@@ -228,11 +323,12 @@ def orderd():
     assert mig.returncode == 0, "orderd migrate failed (%d)\nstdout:\n%s\nstderr:\n%s" % (
         mig.returncode, mig.stdout, mig.stderr)
 
-    server = e2e.Orderd(env, logdir, "orderd-main").start()
+    server = e2e.Orderd(env, logdir, "orderd-main", keep_http=True).start()
     _SESSION["server"] = server
     try:
         server.wait_health(e2e.health_pb2.HealthCheckResponse.SERVING, timeout=20)
-        ctx = E2E(server, env, secret, page_secret, logdir, (redis_host, redis_port))
+        ctx = E2E(server, env, secret, page_secret, logdir, (redis_host, redis_port), stripe,
+                  paypal)
         for key, (name, price, cur, active) in _PRODUCTS.items():
             pid = "e2e-%s-%s" % (ctx.run, key.replace("_", "-"))
             ctx.products[key] = ctx.upsert(pid, name, price, cur, active)
@@ -244,12 +340,17 @@ def orderd():
         server.kill()
         if own_redis:
             own_redis.kill()
+        stripe.stop()
+        paypal.stop()
         raise
 
     yield ctx
 
     rc = server.stop(timeout=15)
     _SESSION.pop("server", None)
+    stripe.stop()
+    paypal.stop()
+    _SESSION.pop("fakes", None)
     if own_redis:
         own_redis.kill()
     else:

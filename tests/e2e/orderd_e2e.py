@@ -257,6 +257,10 @@ def base_env(dsn, secret, page_secret):
         "ORDERD_AUTH_AUDIENCE": AUDIENCE,
         "ORDERD_SERVER_WORKERS": "4",
         "ORDERD_ENVIRONMENT": "development",
+        # Side port on an ephemeral port, and no broker, unless a test asks for them: two
+        # servers of a run must never fight over a port or publish into each other's queues.
+        "ORDERD_HTTP_LISTEN": "127.0.0.1:0",
+        "ORDERD_AMQP_ENABLED": "false",
     })
     # ASan: report leaks but do not let them change a clean shutdown's exit code check
     # silently; keep the defaults unless the caller set them.
@@ -280,11 +284,15 @@ def tail(path, n=60):
 class Orderd:
     """One `orderd serve` process on a free loopback port, stderr kept in a file."""
 
-    def __init__(self, env, logdir, name):
+    def __init__(self, env, logdir, name, keep_http=False):
         self.port = free_port()
         self.addr = "127.0.0.1:%d" % self.port
         self.env = dict(env)
         self.env["ORDERD_SERVER_LISTEN"] = self.addr
+        if not keep_http:
+            # Every extra server gets a side port of its own (an ephemeral one), whatever
+            # env it was copied from: two servers never fight over one port.
+            self.env["ORDERD_HTTP_LISTEN"] = "127.0.0.1:0"
         self.log_path = os.path.join(logdir, "%s.stderr" % name)
         self.out_path = os.path.join(logdir, "%s.stdout" % name)
         self.name = name

@@ -1,7 +1,8 @@
 /* test_pay_local.c — the LOCAL payment provider on a real PostgreSQL: it refuses to load
- * in production; create is keyed by the order; verify accepts only the order's own
- * reference; refund and cancel are idempotent and refuse what makes no sense. Last, one
- * place -> confirm -> cancel flow through the domain with the real store and provider. */
+ * in production; create is keyed by the order and refuses saved payment methods; verify
+ * accepts only the order's own reference and describes the payment; refund and cancel are
+ * idempotent (one refund id) and refuse what makes no sense. Last, one place -> confirm ->
+ * cancel flow through the domain with the real store and provider. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -62,7 +63,11 @@ static void create_payment(const order_t *o, order_payment_action *a)
 {
     order_error e;
     order_ctx ctx = pgt_ctx(&e, "payer", 0);
-    assert_int_equal(PAY->create(PAY->self, &ctx, o, a), ORDER_OK);
+    order_payment_info paid;
+    memset(&paid, 0xff, sizeof paid);
+    assert_int_equal(PAY->create(PAY->self, &ctx, o, NULL, a, &paid), ORDER_OK);
+    assert_int_equal(paid.paid_at_us, 0); /* LOCAL never charges at once */
+    assert_string_equal(paid.charge_id, "");
 }
 
 static void test_refuses_production(void **state)
@@ -102,8 +107,21 @@ static void test_create_is_keyed_by_order(void **state)
     place(&o2);
     create_payment(&o2, &b);
     assert_string_not_equal(b.reference, a.reference);
+
+    /* A saved payment method is a Stripe thing: refused, nothing charged or created. */
+    order_t o3;
+    place(&o3);
+    order_error e;
+    order_ctx ctx = pgt_ctx(&e, "payer", 0);
+    order_payment_info paid;
+    assert_int_equal(PAY->create(PAY->self, &ctx, &o3, "pm_card_visa", &b, &paid), ORDER_EINVAL);
+    assert_int_equal(e.nviolations, 1);
+    assert_string_equal(e.violations[0].field, "payment_method");
+    assert_int_equal(paid.paid_at_us, 0);
+    assert_string_equal(ledger_status(o3.id), "none");
     order_clear(&o);
     order_clear(&o2);
+    order_clear(&o3);
 }
 
 static void test_verify_only_the_orders_own_reference(void **state)
@@ -119,10 +137,10 @@ static void test_verify_only_the_orders_own_reference(void **state)
     for (size_t i = 0; i < sizeof wrong / sizeof *wrong; i++) {
         order_error e;
         order_ctx ctx = pgt_ctx(&e, "payer", 0);
-        int64_t paid_at = -1;
-        assert_int_equal(PAY->verify(PAY->self, &ctx, &o, wrong[i], &paid_at), ORDER_EPRECONDITION);
+        order_payment_info info = {.paid_at_us = -1};
+        assert_int_equal(PAY->verify(PAY->self, &ctx, &o, wrong[i], &info), ORDER_EPRECONDITION);
         assert_string_equal(e.reason, "PAYMENT_NOT_FOUND");
-        assert_int_equal(paid_at, -1);
+        assert_int_equal(info.paid_at_us, -1);
     }
     assert_string_equal(ledger_status(o.id), "pending");
     assert_string_equal(ledger_status(other.id), "pending");
@@ -132,22 +150,28 @@ static void test_verify_only_the_orders_own_reference(void **state)
     changed.total_minor += 1;
     order_error e;
     order_ctx ctx = pgt_ctx(&e, "payer", 0);
-    int64_t paid_at = 0;
-    assert_int_equal(PAY->verify(PAY->self, &ctx, &changed, a.reference, &paid_at),
+    order_payment_info info = {0};
+    assert_int_equal(PAY->verify(PAY->self, &ctx, &changed, a.reference, &info),
                      ORDER_EPRECONDITION);
     assert_string_equal(e.reason, "PAYMENT_AMOUNT_MISMATCH");
+    assert_int_equal(info.paid_at_us, 0);
     assert_string_equal(ledger_status(o.id), "pending");
 
     int64_t before = clock_wall_us();
     ctx = pgt_ctx(&e, "payer", 0);
-    assert_int_equal(PAY->verify(PAY->self, &ctx, &o, a.reference, &paid_at), ORDER_OK);
+    assert_int_equal(PAY->verify(PAY->self, &ctx, &o, a.reference, &info), ORDER_OK);
+    int64_t paid_at = info.paid_at_us;
     assert_true(paid_at >= before - 5000000 && paid_at <= clock_wall_us() + 5000000);
+    assert_string_equal(info.charge_id, a.reference); /* LOCAL: the payment is its own charge */
+    assert_string_equal(info.receipt_url, "");
+    assert_string_equal(info.provider_status, "succeeded");
     assert_string_equal(ledger_status(o.id), "succeeded");
 
     /* Again: same answer, same time. */
-    int64_t again = 0;
+    order_payment_info again = {0};
     assert_int_equal(PAY->verify(PAY->self, &ctx, &o, a.reference, &again), ORDER_OK);
-    assert_int_equal(again, paid_at);
+    assert_int_equal(again.paid_at_us, paid_at);
+    assert_string_equal(again.charge_id, a.reference);
     order_clear(&o);
     order_clear(&other);
 }
@@ -156,24 +180,32 @@ static void test_refund_and_cancel(void **state)
 {
     order_error e;
     order_ctx ctx = pgt_ctx(&e, "payer", 0);
-    int64_t paid_at;
+    order_payment_info info;
+    char refund_id[ORDER_REFERENCE_MAX + 1] = "";
 
-    /* Paid, then refunded (twice), and a refunded payment cannot be voided. */
+    /* Paid, then refunded (twice: one refund id), and a refunded payment cannot be voided. */
     order_t o;
     place(&o);
     order_payment_action a;
     create_payment(&o, &a);
-    assert_int_equal(PAY->refund(PAY->self, &ctx, &o), ORDER_EPRECONDITION); /* not paid yet */
+    assert_int_equal(PAY->refund(PAY->self, &ctx, &o, refund_id),
+                     ORDER_EPRECONDITION); /* not paid yet */
+    assert_string_equal(refund_id, "");
     assert_string_equal(ledger_status(o.id), "pending");
     ctx = pgt_ctx(&e, "payer", 0);
-    assert_int_equal(PAY->verify(PAY->self, &ctx, &o, a.reference, &paid_at), ORDER_OK);
+    assert_int_equal(PAY->verify(PAY->self, &ctx, &o, a.reference, &info), ORDER_OK);
     assert_int_equal(PAY->cancel(PAY->self, &ctx, &o), ORDER_EPRECONDITION);
     assert_string_equal(e.reason, "PAYMENT_ALREADY_SUCCEEDED");
     assert_string_equal(ledger_status(o.id), "succeeded");
     ctx = pgt_ctx(&e, "payer", 0);
-    assert_int_equal(PAY->refund(PAY->self, &ctx, &o), ORDER_OK);
+    assert_int_equal(PAY->refund(PAY->self, &ctx, &o, refund_id), ORDER_OK);
     assert_string_equal(ledger_status(o.id), "refunded");
-    assert_int_equal(PAY->refund(PAY->self, &ctx, &o), ORDER_OK);
+    char expected[ORDER_REFERENCE_MAX + 1];
+    snprintf(expected, sizeof expected, "lr_%.24s", a.reference + 3);
+    assert_string_equal(refund_id, expected);
+    char again[ORDER_REFERENCE_MAX + 1] = "";
+    assert_int_equal(PAY->refund(PAY->self, &ctx, &o, again), ORDER_OK);
+    assert_string_equal(again, refund_id);
     assert_string_equal(ledger_status(o.id), "refunded");
     assert_int_equal(PAY->cancel(PAY->self, &ctx, &o), ORDER_EPRECONDITION);
 
@@ -185,10 +217,10 @@ static void test_refund_and_cancel(void **state)
     assert_int_equal(PAY->cancel(PAY->self, &ctx, &v), ORDER_OK);
     assert_string_equal(ledger_status(v.id), "voided");
     assert_int_equal(PAY->cancel(PAY->self, &ctx, &v), ORDER_OK);
-    assert_int_equal(PAY->verify(PAY->self, &ctx, &v, a.reference, &paid_at), ORDER_EPRECONDITION);
+    assert_int_equal(PAY->verify(PAY->self, &ctx, &v, a.reference, &info), ORDER_EPRECONDITION);
     assert_string_equal(e.reason, "PAYMENT_NOT_SUCCEEDED");
     ctx = pgt_ctx(&e, "payer", 0);
-    assert_int_equal(PAY->refund(PAY->self, &ctx, &v), ORDER_EPRECONDITION);
+    assert_int_equal(PAY->refund(PAY->self, &ctx, &v, refund_id), ORDER_EPRECONDITION);
     assert_string_equal(ledger_status(v.id), "voided");
 
     /* No payment at all: nothing to void; nothing to refund. */
@@ -196,7 +228,7 @@ static void test_refund_and_cancel(void **state)
     place(&none);
     ctx = pgt_ctx(&e, "payer", 0);
     assert_int_equal(PAY->cancel(PAY->self, &ctx, &none), ORDER_OK);
-    assert_int_equal(PAY->refund(PAY->self, &ctx, &none), ORDER_EPRECONDITION);
+    assert_int_equal(PAY->refund(PAY->self, &ctx, &none, refund_id), ORDER_EPRECONDITION);
     assert_string_equal(e.reason, "PAYMENT_NOT_FOUND");
     assert_string_equal(ledger_status(none.id), "none");
     order_clear(&o);
@@ -269,6 +301,7 @@ static void test_domain_flow_with_real_adapters(void **state)
     assert_int_equal(paid.status, ORDER_STATUS_PAID);
     assert_int_equal(paid.pay_status, ORDER_PAY_SUCCEEDED);
     assert_true(paid.paid_at_us > 0);
+    assert_string_equal(paid.pay_charge_id, act.reference);
 
     order_t cancelled = {0};
     ctx = pgt_ctx(&e, "flow-customer", 0);
@@ -278,6 +311,8 @@ static void test_domain_flow_with_real_adapters(void **state)
         fail_msg("cancel: %s", e.message);
     assert_int_equal(cancelled.status, ORDER_STATUS_CANCELLED);
     assert_int_equal(cancelled.pay_status, ORDER_PAY_REFUNDED);
+    assert_true(strncmp(cancelled.refund_id, "lr_", 3) == 0);
+    assert_true(cancelled.refunded_at_us >= paid.paid_at_us);
     assert_string_equal(cancelled.cancel_reason, "no longer needed");
     assert_string_equal(ledger_status(o.id), "refunded");
     assert_int_equal(

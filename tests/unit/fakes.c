@@ -248,6 +248,51 @@ static int fs_order_list(void *self, order_ctx *ctx, const order_list_query *q, 
     return ORDER_OK;
 }
 
+/* The real store refuses a malformed inbound event as a bug (ORDER_EINTERNAL); here the
+ * domain must never send one. */
+static void check_inbound(const order_inbound *in)
+{
+    if (!in)
+        return;
+    assert_true(in->kind == ORDER_INBOUND_PROVIDER || in->kind == ORDER_INBOUND_INVENTORY);
+    assert_non_null(in->id);
+    assert_true(in->id[0] != '\0');
+}
+
+bool fake_store_seen(const fake_store *fs, order_inbound_kind kind, const char *id)
+{
+    for (size_t i = 0; i < fs->nseen; i++)
+        if (fs->seen[i].kind == kind && strcmp(fs->seen[i].id, id) == 0)
+            return true;
+    return false;
+}
+
+static bool inbound_seen(const fake_store *fs, const order_inbound *in)
+{
+    return in && fake_store_seen(fs, in->kind, in->id);
+}
+
+static void record_inbound(fake_store *fs, const order_inbound *in)
+{
+    if (!in)
+        return;
+    PUSH(fs->seen, fs->nseen, fs->cap_seen);
+    fs->seen[fs->nseen - 1].kind = in->kind;
+    copy_str(fs->seen[fs->nseen - 1].id, sizeof fs->seen[0].id, in->id);
+}
+
+static int duplicate(order_ctx *ctx, const order_inbound *in)
+{
+    return order_fail(ctx->err, ORDER_EDUPLICATE, "event %s was already applied", in->id);
+}
+
+/* Sets dst to src unless src is NULL or "" (the real store's NULL-keeps). */
+static void set_opt(char *dst, size_t cap, const char *src)
+{
+    if (src && *src)
+        copy_str(dst, cap, src);
+}
+
 static int fs_order_transition(void *self, order_ctx *ctx, const order_transition *t, order_t *out)
 {
     fake_store *fs = self;
@@ -259,14 +304,23 @@ static int fs_order_transition(void *self, order_ctx *ctx, const order_transitio
     for (int s = 0; s <= ORDER_STATUS_MAX; s++)
         if (t->from_set & ORDER_STATUS_BIT(s))
             assert_true(order_status_can_move((order_status)s, t->to));
+    check_inbound(t->inbound);
 
     order_t *o = find_order(fs, t->order_id);
     if (!o)
         return not_found(ctx, t->order_id);
+    if (inbound_seen(fs, t->inbound)) {
+        copy_order(out, o);
+        return duplicate(ctx, t->inbound);
+    }
     if (!(t->from_set & ORDER_STATUS_BIT(o->status)) ||
         (t->expected_version != -1 && t->expected_version != o->version)) {
         copy_order(out, o);
         ctx->err->current_status = o->status;
+        snprintf(ctx->err->precondition_subject, sizeof ctx->err->precondition_subject, "%s",
+                 o->id);
+        snprintf(ctx->err->precondition_type, sizeof ctx->err->precondition_type, "%s",
+                 (t->from_set & ORDER_STATUS_BIT(o->status)) ? "ORDER_VERSION" : "ORDER_STATUS");
         return order_fail(ctx->err, ORDER_EPRECONDITION,
                           "conditional update matched no row (status %s, version %lld)",
                           order_status_name(o->status), (long long)o->version);
@@ -276,13 +330,21 @@ static int fs_order_transition(void *self, order_ctx *ctx, const order_transitio
     o->status = t->to;
     o->version++;
     o->updated_at_us = now;
-    if (t->to == ORDER_STATUS_CANCELLED)
+    /* As the real store: the reason is kept on the order when it ends without being paid. */
+    if ((t->to == ORDER_STATUS_CANCELLED || t->to == ORDER_STATUS_EXPIRED ||
+         t->to == ORDER_STATUS_FAILED) &&
+        t->reason)
         copy_str(o->cancel_reason, sizeof o->cancel_reason, t->reason);
     if (t->pay_status != ORDER_PAY_UNSPECIFIED)
         o->pay_status = t->pay_status;
-    if (t->paid_at_us)
+    if (t->paid_at_us > 0)
         o->paid_at_us = t->paid_at_us;
+    set_opt(o->pay_charge_id, sizeof o->pay_charge_id, t->charge_id);
+    if (!o->pay_reference[0])
+        set_opt(o->pay_reference, sizeof o->pay_reference, t->reference);
+    set_opt(o->pay_receipt_url, sizeof o->pay_receipt_url, t->receipt_url);
     add_history(fs, o->id, ctx->caller.subject, from, t->to, t->reason, now);
+    record_inbound(fs, t->inbound);
     copy_order(out, o);
     return ORDER_OK;
 }
@@ -304,6 +366,185 @@ static int fs_order_set_payment(void *self, order_ctx *ctx, const char *order_id
     o->version++;
     o->updated_at_us = store_tick(fs);
     copy_order(out, o);
+    return ORDER_OK;
+}
+
+static int fs_inbound_seen(void *self, order_ctx *ctx, const order_inbound *in, bool *seen)
+{
+    fake_store *fs = self;
+    *seen = false;
+    int rc = store_enter(fs, ctx, FAKE_INBOUND_SEEN);
+    if (rc != ORDER_OK)
+        return rc;
+    check_inbound(in);
+    *seen = inbound_seen(fs, in);
+    return ORDER_OK;
+}
+
+static int fs_order_amend(void *self, order_ctx *ctx, const order_amendment *a, order_t *out)
+{
+    fake_store *fs = self;
+    int rc = store_enter(fs, ctx, FAKE_ORDER_AMEND);
+    if (rc != ORDER_OK)
+        return rc;
+    check_inbound(a->inbound);
+    order_t *o = find_order(fs, a->order_id);
+    if (!o)
+        return not_found(ctx, a->order_id);
+    if (inbound_seen(fs, a->inbound)) {
+        copy_order(out, o);
+        return duplicate(ctx, a->inbound);
+    }
+    if (a->pay_from_set && !(a->pay_from_set & ORDER_PAY_BIT(o->pay_status))) {
+        copy_order(out, o);
+        order_error *e = ctx->err;
+        e->current_status = o->status;
+        snprintf(e->precondition_type, sizeof e->precondition_type, "PAYMENT_STATUS");
+        snprintf(e->precondition_subject, sizeof e->precondition_subject, "%s", o->id);
+        const char *ps = order_pay_status_name(o->pay_status);
+        return order_fail(e, ORDER_EPRECONDITION, "the order's payment is %s",
+                          ps ? ps : "not set up");
+    }
+    if (a->provider != ORDER_PROVIDER_UNSPECIFIED)
+        o->pay_provider = a->provider;
+    set_opt(o->pay_reference, sizeof o->pay_reference, a->reference);
+    if (a->pay_status != ORDER_PAY_UNSPECIFIED)
+        o->pay_status = a->pay_status;
+    if (a->paid_at_us > 0)
+        o->paid_at_us = a->paid_at_us;
+    set_opt(o->pay_charge_id, sizeof o->pay_charge_id, a->charge_id);
+    set_opt(o->pay_receipt_url, sizeof o->pay_receipt_url, a->receipt_url);
+    set_opt(o->refund_id, sizeof o->refund_id, a->refund_id);
+    if (a->refunded_at_us > 0)
+        o->refunded_at_us = a->refunded_at_us;
+    if (a->stock_reserved_at_us > 0)
+        o->stock_reserved_at_us = a->stock_reserved_at_us;
+    o->version++;
+    o->updated_at_us = store_tick(fs);
+    record_inbound(fs, a->inbound);
+    copy_order(out, o);
+    return ORDER_OK;
+}
+
+static int fs_order_find_by_payment(void *self, order_ctx *ctx, order_provider p, const char *ref,
+                                    order_t *out)
+{
+    fake_store *fs = self;
+    int rc = store_enter(fs, ctx, FAKE_ORDER_FIND_BY_PAYMENT);
+    if (rc != ORDER_OK)
+        return rc;
+    const order_t *best = NULL;
+    for (size_t i = 0; ref && *ref && i < fs->norders; i++) {
+        const order_t *o = &fs->orders[i];
+        if (o->pay_provider != p ||
+            (strcmp(o->pay_reference, ref) != 0 && strcmp(o->pay_charge_id, ref) != 0))
+            continue;
+        if (!best || o->created_at_us < best->created_at_us) /* the oldest, as the real one */
+            best = o;
+    }
+    if (!best)
+        return order_fail(ctx->err, ORDER_ENOTFOUND, "no %s payment %s",
+                          order_provider_name(p) ? order_provider_name(p) : "?", ref ? ref : "");
+    copy_order(out, best);
+    return ORDER_OK;
+}
+
+/* The sort keys of pick_orders. */
+static int64_t key_created(const order_t *o)
+{
+    return o->created_at_us;
+}
+static int64_t key_updated(const order_t *o)
+{
+    return o->updated_at_us;
+}
+
+/* Indexes of the orders matching `want`, oldest `key` first (ties: insertion order), at
+ * most max (0 counts as 1, as in the real store). *n gets how many. */
+static size_t *pick_orders(const fake_store *fs, bool (*want)(const order_t *, int64_t),
+                           int64_t arg, int64_t (*key)(const order_t *), size_t max, size_t *n)
+{
+    size_t *idx = calloc(fs->norders + 1, sizeof *idx);
+    assert_non_null(idx);
+    size_t m = 0;
+    for (size_t i = 0; i < fs->norders; i++)
+        if (want(&fs->orders[i], arg))
+            idx[m++] = i;
+    for (size_t i = 1; i < m; i++) /* insertion sort: stable */
+        for (size_t j = i; j > 0 && key(&fs->orders[idx[j]]) < key(&fs->orders[idx[j - 1]]); j--) {
+            size_t t = idx[j];
+            idx[j] = idx[j - 1];
+            idx[j - 1] = t;
+        }
+    if (max == 0)
+        max = 1;
+    *n = m < max ? m : max;
+    return idx;
+}
+
+static bool want_expiring(const order_t *o, int64_t created_before_us)
+{
+    return o->status == ORDER_STATUS_PENDING && o->created_at_us < created_before_us;
+}
+
+static bool want_unsettled(const order_t *o, int64_t changed_before_us)
+{
+    return (o->status == ORDER_STATUS_CANCELLED || o->status == ORDER_STATUS_EXPIRED ||
+            o->status == ORDER_STATUS_FAILED) &&
+           (o->pay_status == ORDER_PAY_PENDING || o->pay_status == ORDER_PAY_SUCCEEDED) &&
+           o->updated_at_us < changed_before_us;
+}
+
+static int fs_orders_expire_due(void *self, order_ctx *ctx, int64_t created_before_us,
+                                const char *reason, size_t max, order_t **out, size_t *n)
+{
+    fake_store *fs = self;
+    *out = NULL;
+    *n = 0;
+    int rc = store_enter(fs, ctx, FAKE_ORDERS_EXPIRE_DUE);
+    if (rc != ORDER_OK)
+        return rc;
+    size_t m;
+    size_t *idx = pick_orders(fs, want_expiring, created_before_us, key_created, max, &m);
+    if (m) {
+        *out = calloc(m, sizeof **out);
+        assert_non_null(*out);
+    }
+    for (size_t i = 0; i < m; i++) {
+        order_t *o = &fs->orders[idx[i]];
+        int64_t now = store_tick(fs);
+        o->status = ORDER_STATUS_EXPIRED;
+        o->version++;
+        o->updated_at_us = now;
+        copy_str(o->cancel_reason, sizeof o->cancel_reason, reason);
+        add_history(fs, o->id, ctx->caller.subject, ORDER_STATUS_PENDING, ORDER_STATUS_EXPIRED,
+                    reason, now);
+        copy_order(&(*out)[i], o);
+    }
+    *n = m;
+    free(idx);
+    return ORDER_OK;
+}
+
+static int fs_orders_unsettled(void *self, order_ctx *ctx, int64_t changed_before_us, size_t max,
+                               order_t **out, size_t *n)
+{
+    fake_store *fs = self;
+    *out = NULL;
+    *n = 0;
+    int rc = store_enter(fs, ctx, FAKE_ORDERS_UNSETTLED);
+    if (rc != ORDER_OK)
+        return rc;
+    size_t m;
+    size_t *idx = pick_orders(fs, want_unsettled, changed_before_us, key_updated, max, &m);
+    if (m) {
+        *out = calloc(m, sizeof **out);
+        assert_non_null(*out);
+    }
+    for (size_t i = 0; i < m; i++)
+        copy_order(&(*out)[i], &fs->orders[idx[i]]);
+    *n = m;
+    free(idx);
     return ORDER_OK;
 }
 
@@ -330,6 +571,7 @@ void fake_store_destroy(fake_store *fs)
     free(fs->keys);
     free(fs->products);
     free(fs->history);
+    free(fs->seen);
     free(fs);
 }
 
@@ -344,6 +586,11 @@ order_store fake_store_port(fake_store *fs)
         .order_list = fs_order_list,
         .order_transition = fs_order_transition,
         .order_set_payment = fs_order_set_payment,
+        .order_amend = fs_order_amend,
+        .inbound_seen = fs_inbound_seen,
+        .order_find_by_payment = fs_order_find_by_payment,
+        .orders_expire_due = fs_orders_expire_due,
+        .orders_unsettled = fs_orders_unsettled,
     };
 }
 
@@ -403,7 +650,8 @@ const fake_history *fake_store_history_last(const fake_store *fs, const char *or
 int fake_store_writes(const fake_store *fs)
 {
     return fs->calls[FAKE_ORDER_INSERT] + fs->calls[FAKE_PRODUCT_UPSERT] +
-           fs->calls[FAKE_ORDER_TRANSITION] + fs->calls[FAKE_ORDER_SET_PAYMENT];
+           fs->calls[FAKE_ORDER_TRANSITION] + fs->calls[FAKE_ORDER_SET_PAYMENT] +
+           fs->calls[FAKE_ORDER_AMEND] + fs->calls[FAKE_ORDERS_EXPIRE_DUE];
 }
 
 /* ---- the payment provider ---- */
@@ -411,6 +659,11 @@ int fake_store_writes(const fake_store *fs)
 static int pay_enter(fake_payments *fp, order_ctx *ctx, enum fake_pay_op op)
 {
     fp->calls[op]++;
+    if (fp->hook && fp->hook_op == op) {
+        void (*hook)(void *) = fp->hook;
+        fp->hook = NULL; /* one-shot, and the hook may call back into the provider */
+        hook(fp->hook_arg);
+    }
     if (fp->fail[op] > 0) {
         fp->fail[op]--;
         return order_fail(ctx->err, fp->fail_code, "injected provider failure");
@@ -432,9 +685,39 @@ static int pay_refuse(order_ctx *ctx, const char *reason, const char *msg)
     return order_fail(ctx->err, ORDER_EPRECONDITION, "%s", msg);
 }
 
-static int fp_create(void *self, order_ctx *ctx, const order_t *o, order_payment_action *out)
+/* The payment succeeds at the provider: a time, a charge id and a receipt. */
+static void pay_succeed(fake_payments *fp, fake_payment *p)
+{
+    p->status = ORDER_PAY_SUCCEEDED;
+    fp->now_us += 1000;
+    p->paid_at_us = fp->now_us;
+    snprintf(p->charge_id, sizeof p->charge_id, "ch_%.200s", p->reference);
+    snprintf(p->receipt_url, sizeof p->receipt_url, "https://pay.example/receipts/%s",
+             p->reference);
+}
+
+static void pay_info(const fake_payment *p, order_payment_info *info)
+{
+    memset(info, 0, sizeof *info);
+    info->paid_at_us = p->paid_at_us;
+    copy_str(info->charge_id, sizeof info->charge_id, p->charge_id);
+    copy_str(info->receipt_url, sizeof info->receipt_url, p->receipt_url);
+    copy_str(info->provider_status, sizeof info->provider_status, "succeeded");
+}
+
+static const char *ref_prefix(order_provider p)
+{
+    return p == ORDER_PROVIDER_STRIPE ? "pi" : p == ORDER_PROVIDER_PAYPAL ? "pp" : "lp";
+}
+
+#define DECLINED_PM "pm_declined"
+
+static int fp_create(void *self, order_ctx *ctx, const order_t *o, const char *payment_method,
+                     order_payment_action *out, order_payment_info *paid)
 {
     fake_payments *fp = self;
+    memset(out, 0, sizeof *out);
+    memset(paid, 0, sizeof *paid);
     int rc = pay_enter(fp, ctx, FAKE_PAY_CREATE);
     if (rc != ORDER_OK)
         return rc;
@@ -444,21 +727,47 @@ static int fp_create(void *self, order_ctx *ctx, const order_t *o, order_payment
         PUSH(fp->pays, fp->npays, fp->cap_pays);
         p = &fp->pays[fp->npays - 1];
         copy_str(p->order_id, sizeof p->order_id, o->id);
-        snprintf(p->reference, sizeof p->reference, "lp_%04d_%.8s", fp->created + 1, o->id);
+        snprintf(p->reference, sizeof p->reference, "%s_%04d_%.8s", ref_prefix(fp->provider),
+                 fp->created + 1, o->id);
         p->status = ORDER_PAY_PENDING;
         p->amount_minor = o->total_minor;
         copy_str(p->currency, sizeof p->currency, o->currency);
         fp->created++;
     }
-    memset(out, 0, sizeof *out);
     out->provider = fp->provider;
     copy_str(out->reference, sizeof out->reference, p->reference);
+    if (!payment_method || !*payment_method)
+        return ORDER_OK;
+
+    /* A saved payment method, charged at once (off-session). */
+    if (strncmp(payment_method, DECLINED_PM, strlen(DECLINED_PM)) == 0) {
+        if (p->status == ORDER_PAY_PENDING) {
+            p->charges++;
+            p->status = ORDER_PAY_FAILED;
+        }
+        if (p->status == ORDER_PAY_FAILED) {
+            const char *code = payment_method + strlen(DECLINED_PM);
+            code = *code == ':' ? code + 1 : "card_declined";
+            snprintf(ctx->err->reason, sizeof ctx->err->reason, "PAYMENT_DECLINED");
+            order_error_meta(ctx->err, "decline_code", "%s", code);
+            order_error_meta(ctx->err, "provider_status", "requires_payment_method");
+            return order_fail(ctx->err, ORDER_EPRECONDITION, "the card was declined (%s)", code);
+        }
+    } else if (strcmp(payment_method, "pm_processing") == 0) {
+        copy_str(paid->provider_status, sizeof paid->provider_status, "processing");
+        return ORDER_OK;
+    } else if (p->status == ORDER_PAY_PENDING) {
+        p->charges++;
+        pay_succeed(fp, p);
+    }
+    if (p->status == ORDER_PAY_SUCCEEDED || p->status == ORDER_PAY_REFUNDED)
+        pay_info(p, paid);
     return ORDER_OK;
 }
 
 /* LOCAL: a confirmation that names this order's payment, for its amount, is the payment. */
 static int fp_verify(void *self, order_ctx *ctx, const order_t *o, const char *reference,
-                     int64_t *paid_at_us)
+                     order_payment_info *info)
 {
     fake_payments *fp = self;
     int rc = pay_enter(fp, ctx, FAKE_PAY_VERIFY);
@@ -470,19 +779,17 @@ static int fp_verify(void *self, order_ctx *ctx, const order_t *o, const char *r
     if (strcmp(p->reference, reference) != 0)
         return pay_refuse(ctx, "PAYMENT_REFERENCE_MISMATCH", "not this order's payment");
     if (p->amount_minor != o->total_minor || strcmp(p->currency, o->currency) != 0)
-        return pay_refuse(ctx, "PAYMENT_AMOUNT_MISMATCH", "paid amount differs from the total");
-    if (p->status == ORDER_PAY_PENDING) {
-        p->status = ORDER_PAY_SUCCEEDED;
-        fp->now_us += 1000;
-        p->paid_at_us = fp->now_us;
-    } else if (p->status != ORDER_PAY_SUCCEEDED) {
+        return pay_refuse(ctx, "PAYMENT_MISMATCH", "paid amount differs from the total");
+    if (p->status == ORDER_PAY_PENDING)
+        pay_succeed(fp, p);
+    else if (p->status != ORDER_PAY_SUCCEEDED)
         return pay_refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "the payment was refunded or voided");
-    }
-    *paid_at_us = p->paid_at_us;
+    pay_info(p, info);
     return ORDER_OK;
 }
 
-static int fp_refund(void *self, order_ctx *ctx, const order_t *o)
+static int fp_refund(void *self, order_ctx *ctx, const order_t *o,
+                     char refund_id[ORDER_REFERENCE_MAX + 1])
 {
     fake_payments *fp = self;
     int rc = pay_enter(fp, ctx, FAKE_PAY_REFUND);
@@ -491,12 +798,16 @@ static int fp_refund(void *self, order_ctx *ctx, const order_t *o)
     fake_payment *p = find_pay(fp, o->id);
     if (!p)
         return pay_refuse(ctx, "PAYMENT_NOT_FOUND", "no payment for this order");
-    if (p->status == ORDER_PAY_REFUNDED)
-        return ORDER_OK; /* idempotent */
-    if (p->status != ORDER_PAY_SUCCEEDED)
+    if (p->status == ORDER_PAY_SUCCEEDED) {
+        p->status = ORDER_PAY_REFUNDED;
+        p->refunds++;
+        fp->refunded++;
+        snprintf(p->refund_id, sizeof p->refund_id, "re_%.200s", p->reference);
+    } else if (p->status != ORDER_PAY_REFUNDED) {
         return pay_refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "only a succeeded payment is refunded");
-    p->status = ORDER_PAY_REFUNDED;
-    fp->refunded++;
+    }
+    /* Idempotent: the same refund, however often it is asked for. */
+    snprintf(refund_id, ORDER_REFERENCE_MAX + 1, "%s", p->refund_id);
     return ORDER_OK;
 }
 
@@ -507,10 +818,10 @@ static int fp_cancel(void *self, order_ctx *ctx, const order_t *o)
     if (rc != ORDER_OK)
         return rc;
     fake_payment *p = find_pay(fp, o->id);
-    if (!p || p->status == ORDER_PAY_VOIDED)
-        return ORDER_OK; /* nothing to void, or already voided */
+    if (!p || p->status == ORDER_PAY_VOIDED || p->status == ORDER_PAY_FAILED)
+        return ORDER_OK; /* nothing to void, or nothing taken */
     if (p->status != ORDER_PAY_PENDING)
-        return pay_refuse(ctx, "PAYMENT_ALREADY_CAPTURED", "the payment already succeeded");
+        return pay_refuse(ctx, "PAYMENT_ALREADY_SUCCEEDED", "the payment already succeeded");
     p->status = ORDER_PAY_VOIDED;
     fp->voided++;
     return ORDER_OK;
@@ -552,9 +863,13 @@ void fake_payments_mark_paid(fake_payments *fp, const char *order_id)
     fake_payment *p = find_pay(fp, order_id);
     assert_non_null(p);
     assert_int_equal(p->status, ORDER_PAY_PENDING);
-    p->status = ORDER_PAY_SUCCEEDED;
-    fp->now_us += 1000;
-    p->paid_at_us = fp->now_us;
+    pay_succeed(fp, p);
+}
+
+int fake_payments_refunds(const fake_payments *fp, const char *order_id)
+{
+    const fake_payment *p = find_pay(fp, order_id);
+    return p ? p->refunds : 0;
 }
 
 /* ---- the fixture ---- */
@@ -582,7 +897,18 @@ void fake_env_destroy(fake_env *env)
         return;
     fake_store_destroy(env->store);
     fake_payments_destroy(env->local);
+    fake_payments_destroy(env->stripe);
     free(env);
+}
+
+fake_payments *fake_env_stripe(fake_env *env)
+{
+    if (!env->stripe) {
+        env->stripe = fake_payments_create(ORDER_PROVIDER_STRIPE);
+        assert_non_null(env->stripe);
+        env->svc.providers[ORDER_PROVIDER_STRIPE] = &env->stripe->port;
+    }
+    return env->stripe;
 }
 
 order_ctx *fake_env_as(fake_env *env, const char *subject, unsigned roles)

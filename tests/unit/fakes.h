@@ -12,6 +12,10 @@
  * Failures are injected per operation (fail the next N calls with a code) or for the
  * whole store (`down`: every call answers ORDER_EUNAVAILABLE); races are staged with a
  * one-shot hook that runs another use case inside a port call.
+ * Inbound events (order_inbound: webhooks, inventory replies) are deduplicated as the real
+ * store does: the id is recorded only together with a change that happened, and a change
+ * carrying an id already recorded answers ORDER_EDUPLICATE (with the current order in
+ * *out) and writes nothing.
  * The fake store also checks one domain invariant on every transition it is asked for:
  * each status in from_set may move to `to` under the state machine. A violation fails
  * the running test.
@@ -34,6 +38,11 @@ enum fake_store_op {
     FAKE_ORDER_LIST,
     FAKE_ORDER_TRANSITION,
     FAKE_ORDER_SET_PAYMENT,
+    FAKE_ORDER_AMEND,
+    FAKE_ORDER_FIND_BY_PAYMENT,
+    FAKE_ORDERS_EXPIRE_DUE,
+    FAKE_ORDERS_UNSETTLED,
+    FAKE_INBOUND_SEEN,
     FAKE_STORE_NOPS
 };
 
@@ -54,6 +63,13 @@ typedef struct fake_idem_key {
     char order_id[ORDER_ID_LEN + 1];
 } fake_idem_key;
 
+/** An inbound event id recorded with the change it made (processed_provider_events /
+ *  processed_inventory_replies). */
+typedef struct fake_inbound_seen {
+    order_inbound_kind kind;
+    char id[ORDER_REFERENCE_MAX + 1];
+} fake_inbound_seen;
+
 typedef struct fake_store {
     order_product *products;
     size_t nproducts, cap_products;
@@ -63,6 +79,8 @@ typedef struct fake_store {
     size_t nkeys, cap_keys;
     fake_history *history;
     size_t nhistory, cap_history;
+    fake_inbound_seen *seen; /* recorded only when the change was made */
+    size_t nseen, cap_seen;
 
     bool down;                 /* every call: ORDER_EUNAVAILABLE */
     int fail[FAKE_STORE_NOPS]; /* fail the next N calls of an op with fail_code */
@@ -100,8 +118,11 @@ const order_t *fake_store_order(const fake_store *fs, const char *id);
 size_t fake_store_history_count(const fake_store *fs, const char *order_id);
 /** The last history row of one order, or NULL. */
 const fake_history *fake_store_history_last(const fake_store *fs, const char *order_id);
-/** Total calls to every write operation (insert, upsert, transition, set_payment). */
+/** Total calls to every write operation (insert, upsert, transition, set_payment, amend,
+ *  expire_due). */
 int fake_store_writes(const fake_store *fs);
+/** Whether an inbound event id of this kind was recorded. */
+bool fake_store_seen(const fake_store *fs, order_inbound_kind kind, const char *id);
 
 /* ---- a payment provider, behaving like the LOCAL one ---- */
 
@@ -116,10 +137,15 @@ enum fake_pay_op {
 typedef struct fake_payment {
     char order_id[ORDER_ID_LEN + 1];
     char reference[ORDER_REFERENCE_MAX + 1];
-    order_pay_status status;
-    int64_t amount_minor; /* the order's total when the payment was created */
+    order_pay_status status; /* PENDING, SUCCEEDED, REFUNDED, VOIDED, or FAILED (declined) */
+    int64_t amount_minor;    /* the order's total when the payment was created */
     char currency[4];
     int64_t paid_at_us;
+    char charge_id[ORDER_REFERENCE_MAX + 1]; /* set when it succeeded */
+    char receipt_url[ORDER_URL_MAX + 1];
+    char refund_id[ORDER_REFERENCE_MAX + 1]; /* set when it was refunded */
+    int refunds;                             /* real refunds of this payment (must stay <= 1) */
+    int charges;                             /* saved payment methods charged (<= 1) */
 } fake_payment;
 
 typedef struct fake_payments {
@@ -131,13 +157,25 @@ typedef struct fake_payments {
     int fail[FAKE_PAY_NOPS]; /* fail the next N calls of an op with fail_code */
     int fail_code;           /* default ORDER_EUNAVAILABLE */
     int calls[FAKE_PAY_NOPS];
+    /* Runs once, at the next call of hook_op, before the provider looks at anything. */
+    void (*hook)(void *arg);
+    void *hook_arg;
+    enum fake_pay_op hook_op;
     int created;  /* payments really created (one per order, however often create runs) */
     int refunded; /* payments really moved to REFUNDED */
     int voided;   /* payments really moved to VOIDED */
     int64_t now_us;
 } fake_payments;
 
-/** A provider answering as `provider`; NULL on allocation failure. */
+/**
+ * A provider answering as `provider`; NULL on allocation failure. It behaves like LOCAL
+ * (verify with the payment's own reference is the payment) and, like Stripe, charges a
+ * saved payment method at once in create(): "pm_ok..." succeeds, "pm_declined:<code>" is
+ * declined (ORDER_EPRECONDITION, reason PAYMENT_DECLINED, metadata decline_code and
+ * provider_status; the payment is FAILED), "pm_processing" is still processing (paid_at 0).
+ * A succeeded payment gets charge id "ch_<reference>" and a receipt URL; a refund gets
+ * refund id "re_<reference>" (the same one however often refund() is called).
+ */
 fake_payments *fake_payments_create(order_provider provider);
 void fake_payments_destroy(fake_payments *fp);
 /** The provider's payment for an order, or NULL. */
@@ -145,6 +183,8 @@ const fake_payment *fake_payments_find(const fake_payments *fp, const char *orde
 /** Marks an order's pending payment succeeded on the provider's side only (as if the
  *  customer paid and the confirmation has not reached orderd yet). */
 void fake_payments_mark_paid(fake_payments *fp, const char *order_id);
+/** Real refunds of an order's payment (0 if it has none). */
+int fake_payments_refunds(const fake_payments *fp, const char *order_id);
 
 /* ---- the fixture: a service over a fake store and a fake LOCAL provider ---- */
 
@@ -154,6 +194,7 @@ void fake_payments_mark_paid(fake_payments *fp, const char *order_id);
 typedef struct fake_env {
     fake_store *store;
     fake_payments *local;
+    fake_payments *stripe; /* NULL until fake_env_stripe() */
     order_service svc;
     order_error err;
     order_ctx ctx;
@@ -163,6 +204,8 @@ typedef struct fake_env {
  *  as customer "alice". Aborts the test on allocation failure. */
 fake_env *fake_env_create(void);
 void fake_env_destroy(fake_env *env);
+/** Configures a fake STRIPE provider too (once; owned by env) and returns it. */
+fake_payments *fake_env_stripe(fake_env *env);
 /** Acts as another caller from now on, with no deadline and a reset error. */
 order_ctx *fake_env_as(fake_env *env, const char *subject, unsigned roles);
 /** Resets the error (keeps the caller): call between two use cases. */

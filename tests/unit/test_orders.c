@@ -37,7 +37,7 @@ static void place_as(fake_env *env, const char *who, int32_t qty, char *id_out)
     char rid[32];
     snprintf(rid, sizeof rid, "req-%d", ++seq);
     order_line_cmd line = {"apple", qty};
-    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_LOCAL};
+    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_LOCAL, NULL};
     order_t o = {0};
     order_payment_action a;
     bool replayed;
@@ -540,7 +540,7 @@ static void test_cancel_refund_done_but_not_recorded(void **state)
     char id[ORDER_ID_LEN + 1];
     place_as(env, "alice", 1, id);
     pay(env, "alice", id);
-    env->store->fail[FAKE_ORDER_SET_PAYMENT] = 1;
+    env->store->fail[FAKE_ORDER_AMEND] = 1;
     order_t o = {0};
     fake_env_as(env, "alice", ORDER_ROLE_CUSTOMER);
     assert_int_equal(order_cancel(&env->svc, &env->ctx, id, "", &o), ORDER_EUNAVAILABLE);

@@ -612,7 +612,7 @@ static void test_reference_not_stored_then_retry(void **state)
     fake_env *env = *state;
     order_line_cmd line = {"pear", 1};
     order_place_cmd cmd = cmd_of("r-setpay", &line, 1);
-    env->store->fail[FAKE_ORDER_SET_PAYMENT] = 1;
+    env->store->fail[FAKE_ORDER_AMEND] = 1;
     assert_int_equal(place(env, &cmd), ORDER_EUNAVAILABLE);
     assert_int_equal(env->local->created, 1);
     assert_string_equal(env->store->orders[0].pay_reference, "");
