@@ -92,10 +92,17 @@ static void relay_connect(struct amqp_relay *r)
     if (mq__declare_exchange(c, s->exchange, "topic") != 0)
         goto fail;
     if (s->declare_queues) {
-        if (s->stock_queue && *s->stock_queue &&
-            (mq__declare_queue(c, s->stock_queue, s->quorum_queues, NULL) != 0 ||
-             mq__bind(c, s->stock_queue, s->exchange, "stock.*") != 0))
-            goto fail;
+        /* The stock queue is bound to the three keys orderd publishes, not to "stock.*":
+         * the inventory service's replies (stock.reserved, stock.rejected) travel on the
+         * same exchange and would otherwise come back to it on its own queue. */
+        static const char *const stock_keys[] = {"stock.reserve", "stock.commit", "stock.restore"};
+        if (s->stock_queue && *s->stock_queue) {
+            if (mq__declare_queue(c, s->stock_queue, s->quorum_queues, NULL) != 0)
+                goto fail;
+            for (size_t i = 0; i < sizeof stock_keys / sizeof stock_keys[0]; i++)
+                if (mq__bind(c, s->stock_queue, s->exchange, stock_keys[i]) != 0)
+                    goto fail;
+        }
         if (s->order_queue && *s->order_queue &&
             (mq__declare_queue(c, s->order_queue, s->quorum_queues, NULL) != 0 ||
              mq__bind(c, s->order_queue, s->exchange, "order.*") != 0))

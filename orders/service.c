@@ -566,7 +566,12 @@ static int settle_payment(order_service *svc, order_ctx *ctx, order_t *o)
     }
     if (rc != ORDER_OK)
         return rc;
-    a.pay_from_set = ORDER_PAY_BIT(ORDER_PAY_PENDING) | ORDER_PAY_BIT(ORDER_PAY_SUCCEEDED);
+    /* A void is recorded only over a payment still PENDING: if a confirmation recorded the
+     * money meanwhile, it must stay SUCCEEDED so that it is refunded (now or by the
+     * sweeper), never hidden under VOIDED. */
+    a.pay_from_set = a.pay_status == ORDER_PAY_VOIDED
+                         ? ORDER_PAY_BIT(ORDER_PAY_PENDING)
+                         : ORDER_PAY_BIT(ORDER_PAY_PENDING) | ORDER_PAY_BIT(ORDER_PAY_SUCCEEDED);
     if (a.pay_status == ORDER_PAY_REFUNDED) {
         a.refund_id = refund_id;
         a.refunded_at_us = now_us();
@@ -1009,6 +1014,70 @@ static int event_succeeded(order_service *svc, order_ctx *ctx, const order_payme
     return order_fail(e, ORDER_EABORTED, "order %s keeps changing; retry", o->id);
 }
 
+/*
+ * The whole payment went back at the provider (a refund made in its dashboard, or a
+ * refunded event overtaking its succeeded event). An order not yet shipped is cancelled
+ * with it (it is no longer paid: stock goes back); a shipped one keeps its status. Either
+ * way the payment is recorded REFUNDED, so a succeeded event arriving later changes
+ * nothing.
+ */
+static int event_refunded(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
+                          const order_inbound *in, order_t *o)
+{
+    order_error *e = ctx->err;
+    int64_t at = ev->occurred_at_us > 0 ? ev->occurred_at_us : now_us();
+    order_t next = {0};
+    int rc = ORDER_OK;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (o->status == ORDER_STATUS_PENDING || o->status == ORDER_STATUS_PAID) {
+            order_transition t = {
+                .order_id = o->id,
+                .from_set =
+                    ORDER_STATUS_BIT(ORDER_STATUS_PENDING) | ORDER_STATUS_BIT(ORDER_STATUS_PAID),
+                .to = ORDER_STATUS_CANCELLED,
+                .expected_version = -1,
+                .reason = "refunded at the payment provider",
+                .pay_status = ORDER_PAY_REFUNDED,
+                .charge_id = ev->charge_id,
+                .reference = ev->reference,
+                .inbound = in,
+            };
+            rc = svc->store.order_transition(svc->store.self, ctx, &t, &next);
+            if (rc == ORDER_EPRECONDITION) { /* moved meanwhile: decide again */
+                order_error_reset(e);
+                order_replace(o, &next);
+                continue;
+            }
+            if (rc != ORDER_OK) {
+                order_clear(&next);
+                return rc;
+            }
+            order_replace(o, &next);
+            in = NULL; /* recorded with the transition; the amendment below adds the refund */
+        }
+        order_amendment a = {
+            .order_id = o->id,
+            .pay_from_set = ORDER_PAY_BIT(ORDER_PAY_PENDING) | ORDER_PAY_BIT(ORDER_PAY_SUCCEEDED) |
+                            ORDER_PAY_BIT(ORDER_PAY_VOIDED) | ORDER_PAY_BIT(ORDER_PAY_REFUNDED),
+            .pay_status = ORDER_PAY_REFUNDED,
+            .refund_id = ev->refund_id,
+            .refunded_at_us = at,
+            .inbound = in,
+        };
+        rc = svc->store.order_amend(svc->store.self, ctx, &a, &next);
+        if (rc == ORDER_EPRECONDITION) { /* no payment to speak of: nothing to record */
+            order_error_reset(e);
+            rc = ORDER_OK;
+        }
+        if (rc == ORDER_OK)
+            order_replace(o, &next);
+        else
+            order_clear(&next);
+        return rc;
+    }
+    return order_fail(e, ORDER_EABORTED, "order %s keeps changing; retry", o->id);
+}
+
 int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
                               order_t *out)
 {
@@ -1073,28 +1142,13 @@ int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_pa
             order_replace(&o, &next);
         break;
     }
-    case ORDER_PAY_EVENT_REFUNDED: {
+    case ORDER_PAY_EVENT_REFUNDED:
         if (!ev->full_refund || o.pay_status == ORDER_PAY_REFUNDED) {
             rc = ORDER_OK; /* partial refunds are the provider's business; recorded in logs */
             break;
         }
-        order_amendment a = {
-            .order_id = o.id,
-            .pay_from_set = ORDER_PAY_BIT(ORDER_PAY_SUCCEEDED),
-            .pay_status = ORDER_PAY_REFUNDED,
-            .refund_id = ev->refund_id,
-            .refunded_at_us = ev->occurred_at_us > 0 ? ev->occurred_at_us : now_us(),
-            .inbound = &in,
-        };
-        rc = svc->store.order_amend(svc->store.self, ctx, &a, &next);
-        if (rc == ORDER_EPRECONDITION) {
-            order_error_reset(e);
-            rc = ORDER_OK;
-        }
-        if (rc == ORDER_OK)
-            order_replace(&o, &next);
+        rc = event_refunded(svc, ctx, ev, &in, &o);
         break;
-    }
     case ORDER_PAY_EVENT_FAILED:
     default:
         /* An attempt failed; the payer may try again. Expiry ends the order otherwise. */

@@ -474,12 +474,14 @@ static void test_refunded_in_full_records_the_refund(void **state)
     ev.occurred_at_us = 1700009999000000LL;
     assert_int_equal(apply(env, &ev, NULL), ORDER_OK);
     const order_t *s = stored(env, id);
-    assert_int_equal(s->status, ORDER_STATUS_PAID); /* the status stays */
+    /* Not shipped yet: no longer paid, so the order is cancelled with it (stock goes back). */
+    assert_int_equal(s->status, ORDER_STATUS_CANCELLED);
+    assert_string_equal(s->cancel_reason, "refunded at the payment provider");
     assert_int_equal(s->pay_status, ORDER_PAY_REFUNDED);
     assert_string_equal(s->refund_id, "re_dashboard_1");
     assert_int_equal(s->refunded_at_us, 1700009999000000LL);
-    assert_int_equal(s->version, version + 1);
-    assert_int_equal(fake_store_history_count(env->store, id), history);
+    assert_int_equal(s->version, version + 2); /* the transition, then the refund's facts */
+    assert_int_equal(fake_store_history_count(env->store, id), history + 1);
     assert_int_equal(env->stripe->calls[FAKE_PAY_REFUND], 0); /* the provider did it */
     assert_true(fake_store_seen(env->store, ORDER_INBOUND_PROVIDER, "evt_refund"));
 
@@ -488,10 +490,48 @@ static void test_refunded_in_full_records_the_refund(void **state)
     int rc = apply(env, &ev, NULL);
     assert_true(rc == ORDER_OK || rc == ORDER_EDUPLICATE);
     assert_int_equal(fake_store_writes(env->store), writes);
-    assert_int_equal(stored(env, id)->version, version + 1);
+    assert_int_equal(stored(env, id)->version, version + 2);
 }
 
 /* ---- payment events: which order ---- */
+
+/* Refunded overtakes succeeded: the order ends cancelled and refunded, never PAID. */
+static void test_refunded_before_succeeded_ends_cancelled(void **state)
+{
+    fake_env *env = *state;
+    char id[ORDER_ID_LEN + 1];
+    place(env, id);
+    order_payment_event refunded = event(env, "evt_refund_first", ORDER_PAY_EVENT_REFUNDED, id);
+    refunded.full_refund = true;
+    snprintf(refunded.refund_id, sizeof refunded.refund_id, "re_first");
+    order_payment_event succeeded = event(env, "evt_paid_late", ORDER_PAY_EVENT_SUCCEEDED, id);
+    assert_int_equal(apply(env, &refunded, NULL), ORDER_OK);
+    assert_int_equal(apply(env, &succeeded, NULL), ORDER_OK);
+    const order_t *s = stored(env, id);
+    assert_int_equal(s->status, ORDER_STATUS_CANCELLED);
+    assert_int_equal(s->pay_status, ORDER_PAY_REFUNDED);
+    assert_string_equal(s->refund_id, "re_first");
+    assert_int_equal(env->stripe->calls[FAKE_PAY_REFUND], 0); /* the provider already did */
+}
+
+/* A shipped order refunded at the provider keeps its status; the refund is recorded. */
+static void test_refunded_after_shipping_keeps_the_status(void **state)
+{
+    fake_env *env = *state;
+    char id[ORDER_ID_LEN + 1];
+    place(env, id);
+    pay_by_event(env, id, "evt_pay_ship");
+    fake_env_again(env);
+    order_t o = {0};
+    assert_int_equal(order_update_status(&env->svc, &env->ctx, id, ORDER_STATUS_SHIPPED, -1, &o),
+                     ORDER_OK);
+    order_clear(&o);
+    order_payment_event ev = event(env, "evt_refund_shipped", ORDER_PAY_EVENT_REFUNDED, id);
+    ev.full_refund = true;
+    assert_int_equal(apply(env, &ev, NULL), ORDER_OK);
+    assert_int_equal(stored(env, id)->status, ORDER_STATUS_SHIPPED);
+    assert_int_equal(stored(env, id)->pay_status, ORDER_PAY_REFUNDED);
+}
 
 static void test_ignored_event_touches_nothing(void **state)
 {
@@ -697,6 +737,8 @@ int main(void)
         T(test_canceled_fails_a_pending_order),
         T(test_failed_attempt_changes_nothing),
         T(test_refunded_in_full_records_the_refund),
+        T(test_refunded_before_succeeded_ends_cancelled),
+        T(test_refunded_after_shipping_keeps_the_status),
         T(test_ignored_event_touches_nothing),
         T(test_event_about_an_unknown_order),
         T(test_event_about_another_payment),
