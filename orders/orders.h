@@ -519,7 +519,9 @@ int order_product_get(order_service *svc, order_ctx *ctx, const char *product_id
  *   order_settle_due if the provider fails now); the order's status stays.
  * - DENIED or CANCELED on a PENDING order: FAILED, payment FAILED / VOIDED.
  * - FAILED: recorded in the log only; the payer may try again, expiry ends it otherwise.
- * - REFUNDED in full: the payment is recorded REFUNDED (the status stays).
+ * - REFUNDED in full: the payment is recorded REFUNDED (with the refund id); an order not
+ *   shipped yet (PENDING or PAID) is CANCELLED with it, since it is no longer paid; a
+ *   shipped or delivered one keeps its status.
  * ORDER_EDUPLICATE when the event was already applied; ORDER_ENOTFOUND when it names no
  * order of ours (the webhook should still be acknowledged). *out may be NULL.
  */
