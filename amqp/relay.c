@@ -38,9 +38,12 @@
 #include "storage/outbox.h"
 #include "storage/storage.h"
 
-#define RETRY_BASE_US   (500 * 1000LL) /* first per-row retry delay, doubling per attempt */
-#define PRUNE_BATCH     1000           /* rows deleted per statement */
-#define PRUNE_MAX_ROUND 20             /* statements per stats interval */
+#define RETRY_BASE_US       (500 * 1000LL)  /* first per-row retry delay, doubling per attempt */
+#define PRUNE_BATCH         1000            /* rows deleted per statement */
+#define PRUNE_MAX_ROUND     20              /* statements per stats interval */
+#define SLOW_CLAIM_US       (200 * 1000LL)  /* a claim this slow means stale statistics */
+#define ANALYZE_GAP_US      (5 * 1000000LL) /* at most one slow-claim ANALYZE per this */
+#define ANALYZE_MIN_BACKLOG 500             /* backlogs below this plan fine either way */
 
 struct amqp_relay {
     amqp_settings s; /* a copy; the strings are borrowed */
@@ -56,6 +59,8 @@ struct amqp_relay {
     int64_t retry_base_us;
 
     int64_t last_backlog;
+    int64_t analyzed_backlog; /* backlog at the last ANALYZE; -1 = none yet */
+    int64_t analyzed_at_us;   /* monotonic */
     bool backlog_warned;
 
     atomic_uint_fast64_t published, nacked, unroutable, timeouts, reconnects, pruned;
@@ -379,6 +384,8 @@ static void publish_batch(struct amqp_relay *r, store_outbox_row *rows, size_t n
 }
 
 /* One claim and its publishing. true if rows were published (look again at once). */
+static void relay_analyze(struct amqp_relay *r, int64_t backlog, const char *why);
+
 static bool relay_round(struct amqp_relay *r)
 {
     order_error e;
@@ -391,7 +398,14 @@ static bool relay_round(struct amqp_relay *r)
     store_outbox_row *rows;
     size_t n;
     ctx = pg_ctx(r, &e);
-    if (store_outbox_claim(r->store, &ctx, r->s.relay_batch, r->claim_us, &rows, &n) != ORDER_OK)
+    int64_t t0 = clock_mono_us();
+    int rc = store_outbox_claim(r->store, &ctx, r->s.relay_batch, r->claim_us, &rows, &n);
+    /* A slow claim means a plan made from statistics that do not know the backlog (see
+     * store_outbox_analyze): refresh them, at most every few seconds. */
+    if (clock_mono_us() - t0 > SLOW_CLAIM_US &&
+        clock_mono_us() - r->analyzed_at_us > ANALYZE_GAP_US)
+        relay_analyze(r, -1, "slow claim");
+    if (rc != ORDER_OK)
         return false;
     if (n == 0)
         return false;
@@ -401,6 +415,29 @@ static bool relay_round(struct amqp_relay *r)
 }
 
 /* ---- gauges and pruning ---- */
+
+/* Keeps the outbox's statistics in step with its backlog (store_outbox_analyze). */
+static void relay_analyze(struct amqp_relay *r, int64_t backlog, const char *why)
+{
+    order_error e;
+    order_ctx ctx = pg_ctx(r, &e);
+    r->analyzed_at_us = clock_mono_us();
+    if (store_outbox_analyze(r->store, &ctx) == ORDER_OK) {
+        r->analyzed_backlog = backlog >= 0 ? backlog : r->last_backlog;
+        log_kv(LOG_DEBUG, "outbox statistics refreshed", LOG_F_STR, "why", why, LOG_F_INT,
+               "backlog", r->analyzed_backlog, LOG_F_END);
+    }
+}
+
+/* Whether the backlog moved far enough from the one the statistics saw. */
+static bool backlog_moved(const struct amqp_relay *r, int64_t backlog)
+{
+    int64_t seen = r->analyzed_backlog;
+    if (seen < 0)
+        return true;
+    return backlog > 2 * seen + ANALYZE_MIN_BACKLOG ||
+           (seen >= ANALYZE_MIN_BACKLOG && backlog < seen / 4);
+}
 
 static void relay_stats(struct amqp_relay *r)
 {
@@ -423,6 +460,8 @@ static void relay_stats(struct amqp_relay *r)
             r->backlog_warned = false;
         }
         r->last_backlog = backlog;
+        if (backlog_moved(r, backlog))
+            relay_analyze(r, backlog, "backlog moved");
     }
     if (s->outbox_retention_us <= 0)
         return;
@@ -523,6 +562,7 @@ int amqp_relay_start(const amqp_settings *s, const char *pg_dsn, int64_t pg_stat
         snprintf(err, errlen, "out of memory");
         return -1;
     }
+    r->analyzed_backlog = -1;
     r->mq.wake_rd = r->mq.wake_wr = -1; /* mq__dispose is safe before mq__init */
     r->s = *s;
     /* Defaults for what was left 0. */

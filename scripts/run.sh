@@ -98,6 +98,11 @@ https://github.com/fullstorydev/grpcurl/releases):
     -d '{"request_id": "demo-1", "items": [{"product_id": "sku-espresso", "quantity": 2}], "payment_provider": "PAYMENT_PROVIDER_LOCAL"}' \\
     $listen orders.v1.OrderService/PlaceOrder
 
+Metrics and health: curl http://127.0.0.1:58080/metrics, curl http://127.0.0.1:58080/healthz
+(webhooks: POST /webhooks/stripe and /webhooks/paypal on the same port, once a provider is
+enabled in config.yaml). Events go to the exchange orderd.events on the stack's RabbitMQ
+(amqp://guest:guest@127.0.0.1:55672/): queues inventory.stock and notifications.orders.
+
 Demo products: scripts/demo-products.sql. Ctrl-C stops orderd (and the stack, if this
 script started it).
 

@@ -62,6 +62,9 @@ static const struct store_sql SQL_STATS = {
     "SELECT count(*), coalesce((extract(epoch FROM clock_timestamp() - min(created_at))"
     "  * 1000000)::bigint, 0) FROM outbox WHERE published_at IS NULL"};
 
+/* Fresh statistics for the claim's planner (see store_outbox_analyze). Utility: unnamed. */
+static const struct store_sql SQL_ANALYZE = {NULL, "ANALYZE outbox"};
+
 /* A utility statement: sent unnamed (not prepared). */
 static const struct store_sql SQL_LISTEN = {NULL, "LISTEN " STORE_OUTBOX_CHANNEL};
 
@@ -226,6 +229,16 @@ int store_outbox_stats(struct store *s, order_ctx *ctx, int64_t *backlog, int64_
     }
     store__clear(&r, 1);
     return ORDER_OK;
+}
+
+int store_outbox_analyze(struct store *s, order_ctx *ctx)
+{
+    struct store_step step = {&SQL_ANALYZE, 0, NULL};
+    PGresult *r;
+    int rc = store__tx(s, ctx, "outbox_analyze", 0, &step, 1, &r);
+    if (rc == ORDER_OK)
+        store__clear(&r, 1);
+    return rc;
 }
 
 /* Which connection a LISTEN was sent on. The address alone is not enough: a new PGconn is
