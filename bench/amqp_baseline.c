@@ -196,7 +196,8 @@ static void skip_content(double deadline)
     while (!header || got < size) {
         double left = deadline - now_s();
         struct timeval tv = {.tv_sec = left > 0 ? (time_t)left : 0,
-                             .tv_usec = left > 0 ? (suseconds_t)((left - (double)(time_t)left) * 1e6) : 0};
+                             .tv_usec =
+                                 left > 0 ? (suseconds_t)((left - (double)(time_t)left) * 1e6) : 0};
         int rc = amqp_simple_wait_frame_noblock(st, &f, &tv);
         if (rc != AMQP_STATUS_OK)
             die(2, "reading a returned message: %s", amqp_error_string2(rc));
@@ -214,7 +215,8 @@ static void skip_content(double deadline)
 static int cmd_publish(void)
 {
     if (!O.exchange || O.messages <= 0 || O.batch <= 0 || O.nmsg == 0)
-        die(2, "publish needs --exchange, --messages N, --batch B and at least one --message KEY=FILE");
+        die(2, "publish needs --exchange, --messages N, --batch B and at least one --message "
+               "KEY=FILE");
     if (getrandom(&rng_state, sizeof rng_state, 0) != sizeof rng_state || rng_state == 0)
         rng_state = 0x9E3779B97F4A7C15ull;
     open_channel();
@@ -344,8 +346,8 @@ static int cmd_declare(void)
     if (!O.exchange)
         die(2, "declare needs --exchange");
     open_channel();
-    amqp_exchange_declare(st, CH, amqp_cstring_bytes(O.exchange), amqp_cstring_bytes("topic"), 0,
-                          1, 0, 0, amqp_empty_table);
+    amqp_exchange_declare(st, CH, amqp_cstring_bytes(O.exchange), amqp_cstring_bytes("topic"), 0, 1,
+                          0, 0, amqp_empty_table);
     reply_check(amqp_get_rpc_reply(st), "exchange.declare");
     for (int i = 0; i < O.nbind; i++) {
         amqp_queue_declare(st, CH, amqp_cstring_bytes(O.bind_q[i]), 0, 1, 0, 0, amqp_empty_table);
@@ -375,8 +377,8 @@ static int cmd_queues(bool purge)
             }
             n = (long)ok->message_count;
         } else {
-            amqp_queue_declare_ok_t *ok = amqp_queue_declare(
-                st, CH, amqp_cstring_bytes(O.queue[i]), 1, 0, 0, 0, amqp_empty_table);
+            amqp_queue_declare_ok_t *ok = amqp_queue_declare(st, CH, amqp_cstring_bytes(O.queue[i]),
+                                                             1, 0, 0, 0, amqp_empty_table);
             amqp_rpc_reply_t r = amqp_get_rpc_reply(st);
             if (r.reply_type != AMQP_RESPONSE_NORMAL || !ok) {
                 amqp_destroy_connection(st);
@@ -398,7 +400,8 @@ static int cmd_teardown(void)
 {
     open_channel();
     for (int i = 0; i < O.nqueue; i++) {
-        amqp_queue_delete_ok_t *ok = amqp_queue_delete(st, CH, amqp_cstring_bytes(O.queue[i]), 0, 0);
+        amqp_queue_delete_ok_t *ok =
+            amqp_queue_delete(st, CH, amqp_cstring_bytes(O.queue[i]), 0, 0);
         reply_check(amqp_get_rpc_reply(st), "queue.delete");
         printf("queue %s deleted (%u messages)\n", O.queue[i], ok ? ok->message_count : 0);
     }
