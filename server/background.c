@@ -407,9 +407,18 @@ int srv_background_start(srv_server *srv, char *err, size_t errlen)
             return -1;
         }
         srv->amqp_settings = s;
-        if (amqp_relay_start(s, cfg->pg_dsn, cfg->pg_statement_timeout_us, &srv->relay, err,
-                             errlen) != 0)
-            return -1;
+        /* Several relays share the outbox like replicas do (SKIP LOCKED, chain heads): on a
+         * busy database one connection gets one backend's share of it (bench/relay.sh). */
+        int n = cfg->amqp_relays < 1 ? 1 : cfg->amqp_relays;
+        if (n > (int)(sizeof srv->relays / sizeof srv->relays[0]))
+            n = (int)(sizeof srv->relays / sizeof srv->relays[0]);
+        for (int i = 0; i < n; i++) {
+            if (amqp_relay_start(s, cfg->pg_dsn, cfg->pg_statement_timeout_us, &srv->relays[i], err,
+                                 errlen) != 0)
+                return -1;
+            srv->nrelays = i + 1;
+        }
+        srv->relay = srv->relays[0];
         if (cfg->amqp_consume_replies) {
             srv->consumer_bg = srv_bg_open(srv, "system:inventory", err, errlen);
             if (!srv->consumer_bg)
@@ -429,7 +438,11 @@ void srv_background_stop(srv_server *srv)
     srv->consumer = NULL;
     srv_bg_close(srv->consumer_bg);
     srv->consumer_bg = NULL;
-    amqp_relay_stop(srv->relay);
+    for (int i = 0; i < srv->nrelays; i++) {
+        amqp_relay_stop(srv->relays[i]);
+        srv->relays[i] = NULL;
+    }
+    srv->nrelays = 0;
     srv->relay = NULL;
     free(srv->amqp_settings);
     srv->amqp_settings = NULL;

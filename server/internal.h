@@ -137,8 +137,10 @@ typedef struct srv_sweeper srv_sweeper;
 
 struct srv_server {
     const srv_config *cfg;
-    srv_http *http;                 /* the side port; NULL if off */
-    struct amqp_relay *relay;       /* NULL if amqp is off */
+    srv_http *http;                /* the side port; NULL if off */
+    struct amqp_relay *relay;      /* relays[0]; NULL if amqp is off */
+    struct amqp_relay *relays[16]; /* amqp.relays of them, sharing the outbox */
+    int nrelays;
     struct amqp_consumer *consumer; /* NULL if off */
     srv_bg *consumer_bg;            /* the consumer thread's service */
     srv_sweeper *sweeper;           /* expiry and settlement; NULL if off */

@@ -257,10 +257,24 @@ static void render_ratelimit(metrics_buf *b, const srv_server *srv)
 
 static void render_amqp(metrics_buf *b, const srv_server *srv)
 {
-    amqp_relay_stats rs = {0};
+    amqp_relay_stats rs = {.connected = true};
     amqp_consumer_stats cs = {0};
-    if (srv->relay)
-        amqp_relay_stats_get(srv->relay, &rs);
+    /* Counters add up over the process's relays; the gauges are the worst of them. */
+    for (int i = 0; i < srv->nrelays; i++) {
+        amqp_relay_stats one = {0};
+        amqp_relay_stats_get(srv->relays[i], &one);
+        rs.published += one.published;
+        rs.nacked += one.nacked;
+        rs.unroutable += one.unroutable;
+        rs.timeouts += one.timeouts;
+        rs.reconnects += one.reconnects;
+        rs.pruned += one.pruned;
+        if (one.backlog > rs.backlog)
+            rs.backlog = one.backlog;
+        if (one.oldest_unsent_age_us > rs.oldest_unsent_age_us)
+            rs.oldest_unsent_age_us = one.oldest_unsent_age_us;
+        rs.connected = rs.connected && one.connected;
+    }
     if (srv->consumer)
         amqp_consumer_stats_get(srv->consumer, &cs);
 

@@ -563,6 +563,8 @@ static void test_metrics_page(void **state)
     s.nworkers = 3;
     s.limits = (srv_limits *)(uintptr_t)0x3000;
     s.relay = (struct amqp_relay *)(uintptr_t)0x4000;
+    s.relays[0] = s.relay;
+    s.nrelays = 1;
     s.consumer = (struct amqp_consumer *)(uintptr_t)0x5000;
 
     metrics_buf b;
