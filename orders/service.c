@@ -744,6 +744,19 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
         order_clear(&cur);
         return rc;
     }
+    /* One payment per order, and orderd made it: a reference other than the order's own is
+     * refused before the provider hears of it (for PayPal, asking means capturing, and a
+     * caller must never capture another order's approved payment through this one). */
+    if (cur.pay_reference[0] && strcmp(cur.pay_reference, reference) != 0 &&
+        cur.status == ORDER_STATUS_PENDING) {
+        snprintf(e->reason, sizeof e->reason, "PAYMENT_REFERENCE_MISMATCH");
+        rc = order_fail(e, ORDER_EPRECONDITION,
+                        "%s is not the payment of this order: confirm with the reference "
+                        "PlaceOrder returned",
+                        reference);
+        order_clear(&cur);
+        return rc;
+    }
     /* A payment that succeeds on an order already cancelled, expired or failed (before its
      * payment was voided) is taken back: the order stays as it is. */
     bool late = is_terminal_unpaid(cur.status) && cur.pay_status == ORDER_PAY_PENDING;

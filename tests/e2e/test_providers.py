@@ -243,8 +243,11 @@ def test_stripe_confirm_with_another_orders_payment(orderd, customer):
     err = expect_error(lambda: _confirm(orderd, customer, a.order.order_id, b.payment.reference),
                        PRECONDITION)
     reason, meta = _meta(err)
-    assert reason == "PAYMENT_MISMATCH", (reason, err.details())
-    assert meta.get("provider_status") == "succeeded"
+    assert reason == "PAYMENT_REFERENCE_MISMATCH", (reason, err.details())
+    # Refused before asking Stripe: b's PaymentIntent was never retrieved for a.
+    asked = [q for q in orderd.stripe.control("/_fake/requests")
+             if q["method"] == "GET" and b.payment.reference in q["path"]]
+    assert asked == [], asked
     now = orderd.get(customer, a.order.order_id)
     assert now.status == pb.ORDER_STATUS_PENDING
     assert now.payment.status == pb.PAYMENT_STATUS_PENDING
@@ -688,6 +691,22 @@ def test_paypal_one_token_for_many_calls(orderd, customer):
         expect_error(lambda r=r: _confirm(orderd, customer, r.order.order_id,
                                           r.payment.reference, PAYPAL), PRECONDITION)
     assert orderd.paypal.control("/_fake/stats")["token_grants"] == before
+
+
+def test_paypal_confirm_with_another_orders_approved_payment_captures_nothing(orderd, customer):
+    """Confirming order A with order B's approved PayPal order is refused before PayPal is
+    asked: asking would capture B's money through A."""
+    pid = _product(orderd, 2000)
+    a = _place(orderd, customer, pid, provider=PAYPAL)
+    b = _place(orderd, customer, pid, provider=PAYPAL)
+    orderd.paypal.control("/_fake/pay", {"id": b.payment.reference})
+    err = expect_error(lambda: _confirm(orderd, customer, a.order.order_id, b.payment.reference,
+                                        PAYPAL), PRECONDITION)
+    assert _meta(err)[0] == "PAYMENT_REFERENCE_MISMATCH"
+    assert _obj(orderd.paypal, b.payment.reference)["status"] == "APPROVED"  # not captured
+    assert orderd.get(customer, a.order.order_id).status == pb.ORDER_STATUS_PENDING
+    paid = _confirm(orderd, customer, b.order.order_id, b.payment.reference, PAYPAL)
+    assert paid.status == pb.ORDER_STATUS_PAID
 
 
 def test_paypal_capture_declined(orderd, customer):
