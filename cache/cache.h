@@ -105,7 +105,7 @@ void cache_stats_get(const struct cache *c, cache_stats *out);
 
 /**
  * Wraps an order store: order_get reads the cache first and fills it on a miss (with the
- * fill lease against stampedes); order_insert, order_transition and order_set_payment
+ * fill lease against stampedes); order_insert, order_transition, order_amend and orders_expire_due
  * call the inner store and then store the new version in the cache (set-if-newer);
  * order_list and the product calls go straight to the inner store. When Redis is down the
  * wrapper behaves exactly like the inner store. *inner is copied, but what inner->self

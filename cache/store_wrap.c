@@ -243,20 +243,6 @@ static int w_order_transition(void *self, order_ctx *ctx, const order_transition
     return rc;
 }
 
-static int w_order_set_payment(void *self, order_ctx *ctx, const char *order_id,
-                               order_provider provider, const char *reference,
-                               order_pay_status pay_status, order_t *out)
-{
-    struct cache__wrap *w = self;
-    int rc = w->inner.order_set_payment(w->inner.self, ctx, order_id, provider, reference,
-                                        pay_status, out);
-    if (rc == ORDER_OK)
-        store_after_write(w, out, "order set payment");
-    else
-        drop_after_unknown(w, order_id, rc, "order set payment");
-    return rc;
-}
-
 static int w_order_amend(void *self, order_ctx *ctx, const order_amendment *a, order_t *out)
 {
     struct cache__wrap *w = self;
@@ -336,7 +322,6 @@ void cache_store_wrap(struct cache *c, const order_store *inner, const cache_cod
     out->order_get = w_order_get;
     out->order_list = w_order_list;
     out->order_transition = w_order_transition;
-    out->order_set_payment = w_order_set_payment;
     out->order_amend = w_order_amend;
     out->inbound_seen = w_inbound_seen;
     out->order_find_by_payment = w_order_find_by_payment;

@@ -367,13 +367,6 @@ typedef struct order_store {
      */
     int (*order_transition)(void *self, order_ctx *ctx, const order_transition *t, order_t *out);
     /**
-     * Records the payment of an order (provider, reference, payment status) without a
-     * status change; bumps version. *out is the new order. ORDER_ENOTFOUND if absent.
-     */
-    int (*order_set_payment)(void *self, order_ctx *ctx, const char *order_id,
-                             order_provider provider, const char *reference,
-                             order_pay_status pay_status, order_t *out);
-    /**
      * Applies an amendment (see order_amendment). ORDER_EPRECONDITION with *out the current
      * order if its payment status is not in pay_from_set; ORDER_EDUPLICATE if the inbound
      * event was already recorded; ORDER_ENOTFOUND if absent. order_transition reports

@@ -543,3 +543,35 @@ int pay__http_fail_unavailable(pay_httpc *c, order_ctx *ctx, const pay__http_res
     return order_fail(ctx->err, ORDER_EUNAVAILABLE, "%s unavailable: HTTP %ld (%d attempt%s)",
                       c->provider, resp->status, resp->attempts, resp->attempts == 1 ? "" : "s");
 }
+
+/* ---- small helpers ---- */
+
+void pay__free_secret(char *s)
+{
+    if (s) {
+        OPENSSL_cleanse(s, strlen(s));
+        free(s);
+    }
+}
+
+void pay__copy(char *dst, size_t cap, const char *src)
+{
+    snprintf(dst, cap, "%s", src ? src : "");
+}
+
+json_t *pay__json_object(const pay__http_resp *r)
+{
+    if (!r->body)
+        return NULL;
+    json_t *root = json_loadb(r->body, r->len, 0, NULL);
+    if (root && !json_is_object(root)) {
+        json_decref(root);
+        return NULL;
+    }
+    return root;
+}
+
+const char *pay__jstr(const json_t *o, const char *key)
+{
+    return json_string_value(json_object_get(o, key));
+}

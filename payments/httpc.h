@@ -1,4 +1,4 @@
-/* httpc.h — what the HTTP payment providers (stripe.c, paypal.c) share inside payments/:
+/* httpc.h — what the files of payments/ share (stripe.c and paypal.c; local.c uses pay__refuse):
  * a small libcurl client with the retry policy of pay_http_config, a growable buffer with
  * form encoding, and the currency and time conversions (currency.c). Nothing outside
  * payments/ includes this file, and no libcurl type crosses it.
@@ -13,6 +13,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include <jansson.h>
 
 #include "orders/orders.h"
 #include "payments/payments.h"
@@ -114,5 +116,16 @@ bool pay__paypal_parse_value(const char *iso_currency, const char *value, int64_
 bool pay__currency_case(const char *src, char out[4], bool upper);
 /** RFC 3339 ("2024-05-01T12:34:56.789Z", "...+02:00") to Unix microseconds. */
 bool pay__rfc3339_us(const char *s, int64_t *out);
+
+/* ---- small helpers both providers use ---- */
+
+/** Wipes and frees a heap C string holding a credential. NULL is a no-op. */
+void pay__free_secret(char *s);
+/** Copies src (NULL = "") into dst, truncating to cap-1 bytes. */
+void pay__copy(char *dst, size_t cap, const char *src);
+/** The response body as a JSON object; NULL if it has none or is not an object. */
+json_t *pay__json_object(const pay__http_resp *r);
+/** o[key] if it is a string, else NULL. */
+const char *pay__jstr(const json_t *o, const char *key);
 
 #endif

@@ -5,6 +5,7 @@
  * A payment is PENDING when created, SUCCEEDED when confirmed with its reference, then
  * possibly REFUNDED; a PENDING one can be VOIDED. Every change is a conditional update
  * from the expected status, so racing calls agree; each operation is idempotent. */
+#include "payments/httpc.h" /* pay__refuse */
 #include "payments/payments.h"
 
 #include <assert.h>
@@ -39,21 +40,6 @@ static bool new_reference(char *out, size_t cap)
     for (size_t i = 0; i < sizeof raw && len + 2 < cap; i++)
         len += (size_t)snprintf(out + len, cap - len, "%02x", raw[i]);
     return true;
-}
-
-/* FAILED_PRECONDITION with a machine-readable reason. */
-static int refuse(order_ctx *ctx, const char *reason, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int refuse(order_ctx *ctx, const char *reason, const char *fmt, ...)
-{
-    char msg[sizeof ctx->err->message];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    order_fail(ctx->err, ORDER_EPRECONDITION, "%s", msg);
-    snprintf(ctx->err->reason, sizeof ctx->err->reason, "%s", reason);
-    return ORDER_EPRECONDITION;
 }
 
 static const char *status_name(order_pay_status s)
@@ -98,13 +84,13 @@ static int lp_verify(void *self, order_ctx *ctx, const order_t *o, const char *r
     store_local_payment p;
     int rc = store_local_payment_get(l->store, ctx, reference, NULL, &p);
     if (rc == ORDER_ENOTFOUND || (rc == ORDER_OK && strcasecmp(p.order_id, o->id) != 0))
-        return refuse(ctx, "PAYMENT_NOT_FOUND", "%s is not a payment of order %s", reference,
-                      o->id);
+        return pay__refuse(ctx, "PAYMENT_NOT_FOUND", "%s is not a payment of order %s", reference,
+                           o->id);
     if (rc != ORDER_OK)
         return rc;
     if (p.amount_minor != o->total_minor || strcmp(p.currency, o->currency) != 0)
-        return refuse(ctx, "PAYMENT_AMOUNT_MISMATCH",
-                      "payment %s does not match the total of order %s", p.reference, o->id);
+        return pay__refuse(ctx, "PAYMENT_AMOUNT_MISMATCH",
+                           "payment %s does not match the total of order %s", p.reference, o->id);
     /* At most twice: a lost race re-reads the payment's new status. */
     for (int tries = 0; tries < 2 && p.status == ORDER_PAY_PENDING; tries++) {
         rc = store_local_payment_set_status(l->store, ctx, p.reference, PAY_BIT(ORDER_PAY_PENDING),
@@ -121,8 +107,8 @@ static int lp_verify(void *self, order_ctx *ctx, const order_t *o, const char *r
         snprintf(info->provider_status, sizeof info->provider_status, "succeeded");
         return ORDER_OK;
     }
-    return refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "payment %s is %s", p.reference,
-                  status_name(p.status));
+    return pay__refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "payment %s is %s", p.reference,
+                       status_name(p.status));
 }
 
 static int lp_refund(void *self, order_ctx *ctx, const order_t *o,
@@ -132,7 +118,7 @@ static int lp_refund(void *self, order_ctx *ctx, const order_t *o,
     store_local_payment p;
     int rc = store_local_payment_get(l->store, ctx, NULL, o->id, &p);
     if (rc == ORDER_ENOTFOUND)
-        return refuse(ctx, "PAYMENT_NOT_FOUND", "order %s has no %s payment", o->id, "LOCAL");
+        return pay__refuse(ctx, "PAYMENT_NOT_FOUND", "order %s has no %s payment", o->id, "LOCAL");
     if (rc != ORDER_OK)
         return rc;
     for (int tries = 0; tries < 2 && p.status == ORDER_PAY_SUCCEEDED; tries++) {
@@ -148,8 +134,8 @@ static int lp_refund(void *self, order_ctx *ctx, const order_t *o,
                  p.reference + (strncmp(p.reference, "lp_", 3) == 0 ? 3 : 0));
         return ORDER_OK;
     }
-    return refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "payment %s is %s: nothing to refund", p.reference,
-                  status_name(p.status));
+    return pay__refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "payment %s is %s: nothing to refund",
+                       p.reference, status_name(p.status));
 }
 
 static int lp_cancel(void *self, order_ctx *ctx, const order_t *o)
@@ -173,8 +159,8 @@ static int lp_cancel(void *self, order_ctx *ctx, const order_t *o)
     }
     if (p.status == ORDER_PAY_VOIDED)
         return ORDER_OK;
-    return refuse(ctx, "PAYMENT_ALREADY_SUCCEEDED", "payment %s is %s: it cannot be voided",
-                  p.reference, status_name(p.status));
+    return pay__refuse(ctx, "PAYMENT_ALREADY_SUCCEEDED", "payment %s is %s: it cannot be voided",
+                       p.reference, status_name(p.status));
 }
 
 order_payments *pay_local_create(struct store *store, const char *environment, char *err,

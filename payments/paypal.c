@@ -70,14 +70,6 @@ static void tok_init(void)
     pthread_condattr_destroy(&a);
 }
 
-static void free_secret(char *s)
-{
-    if (s) {
-        OPENSSL_cleanse(s, strlen(s));
-        free(s);
-    }
-}
-
 /* Under tok_mu. NULL on no memory. */
 static token_entry *tok_entry(const struct paypal *p)
 {
@@ -102,46 +94,24 @@ static token_entry *tok_entry(const struct paypal *p)
 
 /* ---- JSON helpers ---- */
 
-static const char *jstr(const json_t *o, const char *key)
-{
-    return json_string_value(json_object_get(o, key));
-}
-
-static void copy(char *dst, size_t cap, const char *src)
-{
-    snprintf(dst, cap, "%s", src ? src : "");
-}
-
-static json_t *parse(const pay__http_resp *r)
-{
-    if (!r->body)
-        return NULL;
-    json_t *root = json_loadb(r->body, r->len, 0, NULL);
-    if (root && !json_is_object(root)) {
-        json_decref(root);
-        return NULL;
-    }
-    return root;
-}
-
 /* PayPal's machine-readable problem: details[0].issue, else name (else OAuth's error). */
 static const char *issue_of(const json_t *root)
 {
-    const char *s = jstr(json_array_get(json_object_get(root, "details"), 0), "issue");
+    const char *s = pay__jstr(json_array_get(json_object_get(root, "details"), 0), "issue");
     if (!s)
-        s = jstr(root, "name");
+        s = pay__jstr(root, "name");
     if (!s)
-        s = jstr(root, "error");
+        s = pay__jstr(root, "error");
     return s;
 }
 
 static const char *message_of(const json_t *root)
 {
-    const char *s = jstr(json_array_get(json_object_get(root, "details"), 0), "description");
+    const char *s = pay__jstr(json_array_get(json_object_get(root, "details"), 0), "description");
     if (!s)
-        s = jstr(root, "message");
+        s = pay__jstr(root, "message");
     if (!s)
-        s = jstr(root, "error_description");
+        s = pay__jstr(root, "error_description");
     return s;
 }
 
@@ -188,14 +158,14 @@ static int grant(struct paypal *p, order_ctx *ctx, char **token, int64_t *ttl_us
     };
     pay__http_resp r;
     int rc = pay__http_do(p->http, ctx, &req, &r);
-    json_t *root = rc == ORDER_OK ? parse(&r) : NULL;
+    json_t *root = rc == ORDER_OK ? pay__json_object(&r) : NULL;
     if (rc != ORDER_OK)
         goto done;
     if (r.status != 200) {
         rc = fail(p, ctx, &r, root, "grant an access token");
         goto done;
     }
-    const char *tok = jstr(root, "access_token");
+    const char *tok = pay__jstr(root, "access_token");
     json_t *exp = json_object_get(root, "expires_in");
     if (!tok || !*tok || strlen(tok) > TOKEN_MAX || strpbrk(tok, "\r\n") || !json_is_integer(exp) ||
         json_integer_value(exp) <= 0) {
@@ -261,7 +231,7 @@ static int bearer(struct paypal *p, order_ctx *ctx, char *line, size_t cap)
     e->fetching = false;
     if (rc == ORDER_OK) {
         int64_t margin = ttl / 10 < 60 * 1000000LL ? ttl / 10 : 60 * 1000000LL;
-        free_secret(e->token);
+        pay__free_secret(e->token);
         e->token = tok;
         e->refresh_at_us = clock_mono_us() + ttl - margin;
         snprintf(line, cap, "Authorization: Bearer %s", tok);
@@ -278,7 +248,7 @@ static void drop_token(struct paypal *p, const char *line)
     pthread_mutex_lock(&tok_mu);
     token_entry *e = tok_entry(p);
     if (e && e->token && strcmp(line + sizeof prefix - 1, e->token) == 0) {
-        free_secret(e->token);
+        pay__free_secret(e->token);
         e->token = NULL;
     }
     pthread_mutex_unlock(&tok_mu);
@@ -324,7 +294,7 @@ static int call(struct paypal *p, order_ctx *ctx, const char *method, const char
     OPENSSL_cleanse(auth, sizeof auth);
     if (rc != ORDER_OK)
         return rc;
-    *root = parse(resp);
+    *root = pay__json_object(resp);
     if (resp->status >= 200 && resp->status < 300) {
         atomic_store(&creds_reported, false);
         if (!*root)
@@ -354,9 +324,9 @@ static const char *link_href(const json_t *links, const char *rel)
     json_t *l;
     json_array_foreach(links, i, l)
     {
-        const char *r = jstr(l, "rel");
+        const char *r = pay__jstr(l, "rel");
         if (r && strcmp(r, rel) == 0)
-            return jstr(l, "href");
+            return pay__jstr(l, "href");
     }
     return NULL;
 }
@@ -404,7 +374,7 @@ static int pp_create(void *self, order_ctx *ctx, const order_t *o, const char *p
         rc = fail(p, ctx, &r, root, "create an order");
         goto done;
     }
-    const char *id = jstr(root, "id");
+    const char *id = pay__jstr(root, "id");
     json_t *links = json_object_get(root, "links");
     const char *href = link_href(links, "payer-action");
     if (!href)
@@ -413,9 +383,9 @@ static int pp_create(void *self, order_ctx *ctx, const order_t *o, const char *p
         rc = order_fail(ctx->err, ORDER_EUNAVAILABLE, "paypal answered an order without an id");
         goto done;
     }
-    copy(out->reference, sizeof out->reference, id);
-    copy(out->approval_url, sizeof out->approval_url, href);
-    copy(paid->provider_status, sizeof paid->provider_status, jstr(root, "status"));
+    pay__copy(out->reference, sizeof out->reference, id);
+    pay__copy(out->approval_url, sizeof out->approval_url, href);
+    pay__copy(paid->provider_status, sizeof paid->provider_status, pay__jstr(root, "status"));
 done:
     json_decref(root);
     pay__http_resp_clear(&r);
@@ -427,19 +397,19 @@ static int judge(const json_t *order, order_ctx *ctx, const order_t *o, const ch
                  order_payment_info *info)
 {
     json_t *unit = first_unit(order), *cap = first_capture(order);
-    const char *custom = jstr(unit, "custom_id");
+    const char *custom = pay__jstr(unit, "custom_id");
     if (!custom)
-        custom = jstr(cap, "custom_id");
+        custom = pay__jstr(cap, "custom_id");
     json_t *amount = json_object_get(cap ? cap : unit, "amount");
-    const char *cur = jstr(amount, "currency_code"), *status = jstr(cap, "status");
-    const char *shown = status ? status : jstr(order, "status");
+    const char *cur = pay__jstr(amount, "currency_code"), *status = pay__jstr(cap, "status");
+    const char *shown = status ? status : pay__jstr(order, "status");
     int64_t minor = -1;
     const char *mismatch = NULL;
     if (!custom || strcasecmp(custom, o->id) != 0)
         mismatch = "it belongs to another order";
     else if (!cur || strcmp(cur, o->currency) != 0)
         mismatch = "its currency differs from the order's";
-    else if (!pay__paypal_parse_value(cur, jstr(amount, "value"), &minor) ||
+    else if (!pay__paypal_parse_value(cur, pay__jstr(amount, "value"), &minor) ||
              minor != o->total_minor)
         mismatch = "its amount differs from the order's total";
     if (mismatch) {
@@ -461,10 +431,10 @@ static int judge(const json_t *order, order_ctx *ctx, const order_t *o, const ch
         return ORDER_EPRECONDITION;
     }
     memset(info, 0, sizeof *info);
-    copy(info->charge_id, sizeof info->charge_id, jstr(cap, "id"));
-    copy(info->provider_status, sizeof info->provider_status, status);
-    if (!pay__rfc3339_us(jstr(cap, "create_time"), &info->paid_at_us) &&
-        !pay__rfc3339_us(jstr(cap, "update_time"), &info->paid_at_us))
+    pay__copy(info->charge_id, sizeof info->charge_id, pay__jstr(cap, "id"));
+    pay__copy(info->provider_status, sizeof info->provider_status, status);
+    if (!pay__rfc3339_us(pay__jstr(cap, "create_time"), &info->paid_at_us) &&
+        !pay__rfc3339_us(pay__jstr(cap, "update_time"), &info->paid_at_us))
         info->paid_at_us = clock_wall_us();
     return ORDER_OK;
 }
@@ -531,7 +501,7 @@ static int pp_refund(void *self, order_ctx *ctx, const order_t *o,
     json_t *root = NULL;
     int rc = ORDER_OK;
     refund_id[0] = '\0';
-    copy(capture, sizeof capture, o->pay_charge_id);
+    pay__copy(capture, sizeof capture, o->pay_charge_id);
     if (!capture[0] && o->pay_reference[0]) {
         if (!pay__id_safe(o->pay_reference, PAYPAL_ID_MAX))
             return order_fail(ctx->err, ORDER_EINTERNAL,
@@ -547,7 +517,7 @@ static int pp_refund(void *self, order_ctx *ctx, const order_t *o,
             rc = fail(p, ctx, &r, root, "read an order");
             goto done;
         }
-        copy(capture, sizeof capture, jstr(first_capture(root), "id"));
+        pay__copy(capture, sizeof capture, pay__jstr(first_capture(root), "id"));
         json_decref(root);
         root = NULL;
         pay__http_resp_clear(&r);
@@ -568,8 +538,8 @@ static int pp_refund(void *self, order_ctx *ctx, const order_t *o,
     if (rc != ORDER_OK)
         goto done;
     if (r.status == 200 || r.status == 201) {
-        const char *status = jstr(root, "status");
-        copy(refund_id, ORDER_REFERENCE_MAX + 1, jstr(root, "id"));
+        const char *status = pay__jstr(root, "status");
+        pay__copy(refund_id, ORDER_REFERENCE_MAX + 1, pay__jstr(root, "id"));
         if (status && (strcmp(status, "FAILED") == 0 || strcmp(status, "CANCELLED") == 0)) {
             rc = pay__refuse(ctx, "REFUND_FAILED", "paypal refund %s of order %s is %s", refund_id,
                              o->id, status);
@@ -609,8 +579,8 @@ static int pp_cancel(void *self, order_ctx *ctx, const order_t *o)
         rc = fail(p, ctx, &r, root, "read an order");
         goto done;
     }
-    const char *status = jstr(root, "status");
-    const char *cap_status = jstr(first_capture(root), "status");
+    const char *status = pay__jstr(root, "status");
+    const char *cap_status = pay__jstr(first_capture(root), "status");
     bool captured =
         status && strcmp(status, "COMPLETED") == 0 &&
         !(cap_status && (strcmp(cap_status, "DECLINED") == 0 || strcmp(cap_status, "FAILED") == 0));
@@ -703,7 +673,7 @@ void pay_paypal_destroy(order_payments *port)
     pay__httpc_destroy(p->http);
     free(p->api_base);
     free(p->client_id);
-    free_secret(p->basic);
+    pay__free_secret(p->basic);
     free(p->return_url);
     free(p->cancel_url);
     free(p->brand_name);
@@ -744,9 +714,9 @@ static void event_amount(order_payment_event *ev, const json_t *amount)
 {
     int64_t minor;
     char upper[4];
-    const char *cur = jstr(amount, "currency_code");
+    const char *cur = pay__jstr(amount, "currency_code");
     if (cur && pay__currency_case(cur, upper, true) &&
-        pay__paypal_parse_value(upper, jstr(amount, "value"), &minor)) {
+        pay__paypal_parse_value(upper, pay__jstr(amount, "value"), &minor)) {
         ev->amount_minor = minor;
         memcpy(ev->currency, upper, sizeof upper);
     }
@@ -756,41 +726,41 @@ static void event_amount(order_payment_event *ev, const json_t *amount)
 static void link_id(char *dst, size_t cap, const char *href)
 {
     const char *slash = href ? strrchr(href, '/') : NULL;
-    copy(dst, cap, slash && pay__id_safe(slash + 1, PAYPAL_ID_MAX) ? slash + 1 : NULL);
+    pay__copy(dst, cap, slash && pay__id_safe(slash + 1, PAYPAL_ID_MAX) ? slash + 1 : NULL);
 }
 
 static int parse_event(const json_t *root, order_payment_event *ev, char *err, size_t errlen)
 {
-    const char *id = jstr(root, "id"), *type = jstr(root, "event_type");
+    const char *id = pay__jstr(root, "id"), *type = pay__jstr(root, "event_type");
     json_t *res = json_object_get(root, "resource");
     if (!id || !*id || strlen(id) > ORDER_REFERENCE_MAX || !type || !json_is_object(res)) {
         snprintf(err, errlen, "not a PayPal event (id, event_type and resource are required)");
         return PAY_WEBHOOK_MALFORMED;
     }
-    copy(ev->id, sizeof ev->id, id);
-    copy(ev->type, sizeof ev->type, type);
-    if (!pay__rfc3339_us(jstr(root, "create_time"), &ev->occurred_at_us))
+    pay__copy(ev->id, sizeof ev->id, id);
+    pay__copy(ev->type, sizeof ev->type, type);
+    if (!pay__rfc3339_us(pay__jstr(root, "create_time"), &ev->occurred_at_us))
         ev->occurred_at_us = 0;
-    const char *custom = jstr(res, "custom_id");
+    const char *custom = pay__jstr(res, "custom_id");
     if (custom && order_id_valid(custom))
-        copy(ev->order_id, sizeof ev->order_id, custom);
+        pay__copy(ev->order_id, sizeof ev->order_id, custom);
     bool completed = strcmp(type, "PAYMENT.CAPTURE.COMPLETED") == 0;
     bool denied = strcmp(type, "PAYMENT.CAPTURE.DENIED") == 0;
     if (completed || denied) {
         ev->kind = completed ? ORDER_PAY_EVENT_SUCCEEDED : ORDER_PAY_EVENT_DENIED;
-        copy(ev->charge_id, sizeof ev->charge_id, jstr(res, "id"));
+        pay__copy(ev->charge_id, sizeof ev->charge_id, pay__jstr(res, "id"));
         json_t *related =
             json_object_get(json_object_get(res, "supplementary_data"), "related_ids");
-        copy(ev->reference, sizeof ev->reference, jstr(related, "order_id"));
+        pay__copy(ev->reference, sizeof ev->reference, pay__jstr(related, "order_id"));
         event_amount(ev, json_object_get(res, "amount"));
         if (denied) {
-            const char *reason = jstr(json_object_get(res, "status_details"), "reason");
-            copy(ev->failure_code, sizeof ev->failure_code, reason ? reason : "DENIED");
+            const char *reason = pay__jstr(json_object_get(res, "status_details"), "reason");
+            pay__copy(ev->failure_code, sizeof ev->failure_code, reason ? reason : "DENIED");
         }
     } else if (strcmp(type, "PAYMENT.CAPTURE.REFUNDED") == 0) {
         /* The resource is the refund; its "up" link is the capture it refunds. */
         ev->kind = ORDER_PAY_EVENT_REFUNDED;
-        copy(ev->refund_id, sizeof ev->refund_id, jstr(res, "id"));
+        pay__copy(ev->refund_id, sizeof ev->refund_id, pay__jstr(res, "id"));
         link_id(ev->charge_id, sizeof ev->charge_id,
                 link_href(json_object_get(res, "links"), "up"));
         event_amount(ev, json_object_get(res, "amount"));
@@ -818,7 +788,7 @@ static int refund_scope(struct paypal *p, order_ctx *ctx, order_payment_event *e
         snprintf(err, errlen, "%s", ctx->err->message);
         out = PAY_WEBHOOK_UNAVAILABLE;
     } else if (r.status == 200) {
-        const char *status = jstr(root, "status");
+        const char *status = pay__jstr(root, "status");
         ev->full_refund = !(status && strcmp(status, "PARTIALLY_REFUNDED") == 0);
     } else if (r.status != 404) {
         fail(p, ctx, &r, root, "read a capture");
@@ -884,7 +854,7 @@ int pay_paypal_webhook(order_payments *paypal, order_ctx *ctx, const char *webho
         snprintf(err, errlen, "%s", ctx->err->message);
         out = PAY_WEBHOOK_UNAVAILABLE;
     } else if (r.status == 200) {
-        const char *vs = jstr(root, "verification_status");
+        const char *vs = pay__jstr(root, "verification_status");
         if (vs && strcmp(vs, "SUCCESS") == 0) {
             out = parse_event(event, ev, err, errlen);
             if (out == PAY_WEBHOOK_OK && ev->kind == ORDER_PAY_EVENT_REFUNDED)

@@ -45,11 +45,6 @@ static atomic_bool creds_reported;
 
 /* ---- JSON helpers ---- */
 
-static const char *jstr(const json_t *o, const char *key)
-{
-    return json_string_value(json_object_get(o, key));
-}
-
 static bool jint(const json_t *o, const char *key, int64_t *out)
 {
     json_t *v = json_object_get(o, key);
@@ -63,24 +58,7 @@ static bool jint(const json_t *o, const char *key, int64_t *out)
 static const char *jid(const json_t *o, const char *key)
 {
     json_t *v = json_object_get(o, key);
-    return json_is_string(v) ? json_string_value(v) : jstr(v, "id");
-}
-
-static void copy(char *dst, size_t cap, const char *src)
-{
-    snprintf(dst, cap, "%s", src ? src : "");
-}
-
-static json_t *parse(const pay__http_resp *r)
-{
-    if (!r->body)
-        return NULL;
-    json_t *root = json_loadb(r->body, r->len, 0, NULL);
-    if (root && !json_is_object(root)) {
-        json_decref(root);
-        return NULL;
-    }
-    return root;
+    return json_is_string(v) ? json_string_value(v) : pay__jstr(v, "id");
 }
 
 /* A best-effort look-up must not leave its failure in ctx->err when the operation it
@@ -137,7 +115,7 @@ static int call(struct stripe *s, order_ctx *ctx, const char *method, const char
     int rc = pay__http_do(s->http, ctx, &req, resp);
     if (rc != ORDER_OK)
         return rc;
-    *root = parse(resp);
+    *root = pay__json_object(resp);
     if (resp->status >= 200 && resp->status < 300) {
         atomic_store(&creds_reported, false);
         if (!*root)
@@ -168,7 +146,8 @@ static int fail(struct stripe *s, order_ctx *ctx, const pay__http_resp *r, const
     if (pay__http_retryable(r->status))
         return pay__http_fail_unavailable(s->http, ctx, r);
     const json_t *e = error_of(root);
-    const char *msg = jstr(e, "message"), *code = jstr(e, "code"), *type = jstr(e, "type");
+    const char *msg = pay__jstr(e, "message"), *code = pay__jstr(e, "code"),
+               *type = pay__jstr(e, "type");
     log_kv(LOG_WARN, "stripe refused a request", LOG_F_STR, "what", what, LOG_F_INT, "status",
            (int64_t)r->status, LOG_F_STR, "type", type, LOG_F_STR, "code", code, LOG_F_STR,
            "message", msg, LOG_F_STR, "request_id", r->request_id[0] ? r->request_id : NULL,
@@ -185,11 +164,11 @@ static int fail(struct stripe *s, order_ctx *ctx, const pay__http_resp *r, const
 static void fill_paid(struct stripe *s, order_ctx *ctx, const json_t *pi, order_payment_info *paid)
 {
     memset(paid, 0, sizeof *paid);
-    copy(paid->provider_status, sizeof paid->provider_status, jstr(pi, "status"));
+    pay__copy(paid->provider_status, sizeof paid->provider_status, pay__jstr(pi, "status"));
     json_t *charge = json_object_get(pi, "latest_charge");
     json_t *fetched = NULL;
     const char *charge_id = jid(pi, "latest_charge");
-    copy(paid->charge_id, sizeof paid->charge_id, charge_id);
+    pay__copy(paid->charge_id, sizeof paid->charge_id, charge_id);
     if (json_is_string(charge) && pay__id_safe(charge_id, STRIPE_ID_MAX)) {
         char path[300];
         pay__http_resp r;
@@ -210,7 +189,7 @@ static void fill_paid(struct stripe *s, order_ctx *ctx, const json_t *pi, order_
     else
         paid->paid_at_us = clock_wall_us();
     if (json_is_object(charge))
-        copy(paid->receipt_url, sizeof paid->receipt_url, jstr(charge, "receipt_url"));
+        pay__copy(paid->receipt_url, sizeof paid->receipt_url, pay__jstr(charge, "receipt_url"));
     json_decref(fetched);
 }
 
@@ -218,10 +197,10 @@ static void fill_paid(struct stripe *s, order_ctx *ctx, const json_t *pi, order_
 static int declined(order_ctx *ctx, const char *pi_status, const json_t *err_obj,
                     const char *fallback_message)
 {
-    const char *code = jstr(err_obj, "decline_code");
+    const char *code = pay__jstr(err_obj, "decline_code");
     if (!code)
-        code = jstr(err_obj, "code");
-    const char *msg = jstr(err_obj, "message");
+        code = pay__jstr(err_obj, "code");
+    const char *msg = pay__jstr(err_obj, "message");
     pay__refuse(ctx, "PAYMENT_DECLINED", "stripe declined the payment: %s",
                 msg ? msg : fallback_message);
     if (code)
@@ -278,27 +257,28 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const char *p
         goto done;
 
     if (r.status == 200) {
-        const char *id = jstr(root, "id"), *status = jstr(root, "status");
+        const char *id = pay__jstr(root, "id"), *status = pay__jstr(root, "status");
         if (!id || !status) {
             rc = order_fail(ctx->err, ORDER_EUNAVAILABLE,
                             "stripe answered a PaymentIntent without id or status");
             goto done;
         }
-        copy(out->reference, sizeof out->reference, id);
-        copy(out->client_secret, sizeof out->client_secret, jstr(root, "client_secret"));
+        pay__copy(out->reference, sizeof out->reference, id);
+        pay__copy(out->client_secret, sizeof out->client_secret, pay__jstr(root, "client_secret"));
         if (!charge)
             goto done;
         if (strcmp(status, "succeeded") == 0) {
             fill_paid(s, ctx, root, paid);
         } else if (strcmp(status, "processing") == 0) {
-            copy(paid->provider_status, sizeof paid->provider_status, status); /* a webhook tells */
+            pay__copy(paid->provider_status, sizeof paid->provider_status,
+                      status); /* a webhook tells */
         } else {
             json_t *lpe = json_object_get(root, "last_payment_error");
             rc = declined(ctx, status, lpe,
                           strcmp(status, "requires_action") == 0
                               ? "the payment method needs the customer's authentication"
                               : "the payment method was not charged");
-            if (!jstr(lpe, "decline_code") && !jstr(lpe, "code") &&
+            if (!pay__jstr(lpe, "decline_code") && !pay__jstr(lpe, "code") &&
                 strcmp(status, "requires_action") == 0)
                 order_error_meta(ctx->err, "decline_code", "authentication_required");
         }
@@ -307,9 +287,9 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const char *p
     if (r.status == 402) {
         /* A card_error: the intent exists (requires_payment_method); the order keeps it. */
         json_t *e = error_of(root), *pi = json_object_get(e, "payment_intent");
-        copy(out->reference, sizeof out->reference,
-             json_is_string(pi) ? json_string_value(pi) : jstr(pi, "id"));
-        rc = declined(ctx, jstr(pi, "status"), e, "the card was declined");
+        pay__copy(out->reference, sizeof out->reference,
+                  json_is_string(pi) ? json_string_value(pi) : pay__jstr(pi, "id"));
+        rc = declined(ctx, pay__jstr(pi, "status"), e, "the card was declined");
         goto done;
     }
     rc = fail(s, ctx, &r, root, "create a PaymentIntent");
@@ -343,9 +323,9 @@ static int st_verify(void *self, order_ctx *ctx, const order_t *o, const char *r
         goto done;
     }
 
-    const char *status = jstr(root, "status");
-    const char *order_id = jstr(json_object_get(root, "metadata"), "order_id");
-    const char *currency = jstr(root, "currency");
+    const char *status = pay__jstr(root, "status");
+    const char *order_id = pay__jstr(json_object_get(root, "metadata"), "order_id");
+    const char *currency = pay__jstr(root, "currency");
     char want_cur[4];
     int64_t amount = -1, want = -1;
     jint(root, "amount", &amount);
@@ -421,7 +401,7 @@ static int st_cancel(void *self, order_ctx *ctx, const order_t *o)
         if (rc != ORDER_OK)
             break;
         if (r.status == 200) {
-            rc = void_by_status(ctx, ref, jstr(root, "status"));
+            rc = void_by_status(ctx, ref, pay__jstr(root, "status"));
             break;
         }
         if (r.status == 404) {
@@ -430,7 +410,7 @@ static int st_cancel(void *self, order_ctx *ctx, const order_t *o)
             rc = ORDER_OK;
             break;
         }
-        const char *code = jstr(error_of(root), "code");
+        const char *code = pay__jstr(error_of(root), "code");
         if (r.status != 400 || !code || strcmp(code, "payment_intent_unexpected_state") != 0) {
             rc = fail(s, ctx, &r, root, "cancel a PaymentIntent");
             break;
@@ -445,7 +425,7 @@ static int st_cancel(void *self, order_ctx *ctx, const order_t *o)
             rc = fail(s, ctx, &r, root, "read a PaymentIntent");
             break;
         }
-        const char *st = jstr(root, "status");
+        const char *st = pay__jstr(root, "status");
         bool settled = st && (strcmp(st, "canceled") == 0 || strcmp(st, "succeeded") == 0 ||
                               strcmp(st, "processing") == 0);
         if (settled || round == 1) {
@@ -471,8 +451,8 @@ static void find_refund(struct stripe *s, order_ctx *ctx, const char *ref,
     err_mark saved = err_save(ctx);
     if (!q.oom && call(s, ctx, "GET", "/v1/refunds", q.data, NULL, NULL, &r, &root) == ORDER_OK &&
         r.status == 200)
-        copy(refund_id, ORDER_REFERENCE_MAX + 1,
-             jstr(json_array_get(json_object_get(root, "data"), 0), "id"));
+        pay__copy(refund_id, ORDER_REFERENCE_MAX + 1,
+                  pay__jstr(json_array_get(json_object_get(root, "data"), 0), "id"));
     err_restore(ctx, &saved);
     json_decref(root);
     pay__http_resp_clear(&r);
@@ -489,7 +469,7 @@ static void pi_status(struct stripe *s, order_ctx *ctx, const char *ref, char *o
     out[0] = '\0';
     snprintf(path, sizeof path, "/v1/payment_intents/%s", ref);
     if (call(s, ctx, "GET", path, NULL, NULL, NULL, &r, &root) == ORDER_OK && r.status == 200)
-        copy(out, cap, jstr(root, "status"));
+        pay__copy(out, cap, pay__jstr(root, "status"));
     err_restore(ctx, &saved);
     json_decref(root);
     pay__http_resp_clear(&r);
@@ -525,8 +505,8 @@ static int st_refund(void *self, order_ctx *ctx, const order_t *o,
         if (rc != ORDER_OK)
             break;
         if (r.status == 200) {
-            const char *st = jstr(root, "status");
-            copy(refund_id, ORDER_REFERENCE_MAX + 1, jstr(root, "id"));
+            const char *st = pay__jstr(root, "status");
+            pay__copy(refund_id, ORDER_REFERENCE_MAX + 1, pay__jstr(root, "id"));
             if (st && (strcmp(st, "failed") == 0 || strcmp(st, "canceled") == 0)) {
                 rc = pay__refuse(ctx, "REFUND_FAILED", "stripe refund %s of order %s is %s",
                                  refund_id, o->id, st);
@@ -534,7 +514,7 @@ static int st_refund(void *self, order_ctx *ctx, const order_t *o,
             }
             break;
         }
-        const char *code = jstr(error_of(root), "code");
+        const char *code = pay__jstr(error_of(root), "code");
         if (r.status == 400 && code && strcmp(code, "charge_already_refunded") == 0) {
             find_refund(s, ctx, ref, refund_id);
             break;
@@ -581,14 +561,6 @@ static char *header_line(const char *name, const char *prefix, const char *value
     if (line)
         snprintf(line, n, "%s: %s%s", name, prefix, value);
     return line;
-}
-
-static void free_secret(char *s)
-{
-    if (s) {
-        OPENSSL_cleanse(s, strlen(s));
-        free(s);
-    }
 }
 
 order_payments *pay_stripe_create(const pay_stripe_config *cfg, char *err, size_t errlen)
@@ -643,7 +615,7 @@ void pay_stripe_destroy(order_payments *p)
         return;
     struct stripe *s = (struct stripe *)p;
     pay__httpc_destroy(s->http);
-    free_secret(s->auth);
+    pay__free_secret(s->auth);
     free(s->version);
     free(s);
 }
@@ -776,9 +748,9 @@ static void event_amount(order_payment_event *ev, const char *currency, int64_t 
 
 static void event_order_id(order_payment_event *ev, const json_t *obj)
 {
-    const char *id = jstr(json_object_get(obj, "metadata"), "order_id");
+    const char *id = pay__jstr(json_object_get(obj, "metadata"), "order_id");
     if (id && order_id_valid(id))
-        copy(ev->order_id, sizeof ev->order_id, id);
+        pay__copy(ev->order_id, sizeof ev->order_id, id);
 }
 
 int pay_stripe_webhook(const char *endpoint_secret, int64_t tolerance_s, int64_t now_s,
@@ -797,7 +769,7 @@ int pay_stripe_webhook(const char *endpoint_secret, int64_t tolerance_s, int64_t
     json_error_t jerr;
     json_t *root = json_loadb(body, len, 0, &jerr);
     json_t *obj = json_object_get(json_object_get(root, "data"), "object");
-    const char *id = jstr(root, "id"), *type = jstr(root, "type");
+    const char *id = pay__jstr(root, "id"), *type = pay__jstr(root, "type");
     int64_t created = 0;
     if (!json_is_object(root) || !id || !*id || strlen(id) > ORDER_REFERENCE_MAX || !type ||
         !json_is_object(obj) || !jint(root, "created", &created)) {
@@ -805,44 +777,45 @@ int pay_stripe_webhook(const char *endpoint_secret, int64_t tolerance_s, int64_t
         json_decref(root);
         return PAY_WEBHOOK_MALFORMED;
     }
-    copy(ev->id, sizeof ev->id, id);
-    copy(ev->type, sizeof ev->type, type);
+    pay__copy(ev->id, sizeof ev->id, id);
+    pay__copy(ev->type, sizeof ev->type, type);
     ev->occurred_at_us = created * 1000000;
     int64_t amount;
 
     if (strncmp(type, "payment_intent.", 15) == 0) {
-        copy(ev->reference, sizeof ev->reference, jstr(obj, "id"));
+        pay__copy(ev->reference, sizeof ev->reference, pay__jstr(obj, "id"));
         event_order_id(ev, obj);
-        copy(ev->charge_id, sizeof ev->charge_id, jid(obj, "latest_charge"));
+        pay__copy(ev->charge_id, sizeof ev->charge_id, jid(obj, "latest_charge"));
         json_t *charge = json_object_get(obj, "latest_charge");
         if (json_is_object(charge))
-            copy(ev->receipt_url, sizeof ev->receipt_url, jstr(charge, "receipt_url"));
+            pay__copy(ev->receipt_url, sizeof ev->receipt_url, pay__jstr(charge, "receipt_url"));
         if ((jint(obj, "amount_received", &amount) && amount > 0) || jint(obj, "amount", &amount))
-            event_amount(ev, jstr(obj, "currency"), amount);
+            event_amount(ev, pay__jstr(obj, "currency"), amount);
         if (strcmp(type, "payment_intent.succeeded") == 0) {
             ev->kind = ORDER_PAY_EVENT_SUCCEEDED;
         } else if (strcmp(type, "payment_intent.payment_failed") == 0) {
             json_t *lpe = json_object_get(obj, "last_payment_error");
-            const char *code = jstr(lpe, "decline_code");
+            const char *code = pay__jstr(lpe, "decline_code");
             ev->kind = ORDER_PAY_EVENT_FAILED;
-            copy(ev->failure_code, sizeof ev->failure_code, code ? code : jstr(lpe, "code"));
-            copy(ev->failure_message, sizeof ev->failure_message, jstr(lpe, "message"));
+            pay__copy(ev->failure_code, sizeof ev->failure_code,
+                      code ? code : pay__jstr(lpe, "code"));
+            pay__copy(ev->failure_message, sizeof ev->failure_message, pay__jstr(lpe, "message"));
         } else if (strcmp(type, "payment_intent.canceled") == 0) {
             ev->kind = ORDER_PAY_EVENT_CANCELED;
         }
     } else if (strcmp(type, "charge.refunded") == 0) {
         int64_t refunded = 0;
         ev->kind = ORDER_PAY_EVENT_REFUNDED;
-        copy(ev->charge_id, sizeof ev->charge_id, jstr(obj, "id"));
-        copy(ev->reference, sizeof ev->reference, jid(obj, "payment_intent"));
-        copy(ev->receipt_url, sizeof ev->receipt_url, jstr(obj, "receipt_url"));
+        pay__copy(ev->charge_id, sizeof ev->charge_id, pay__jstr(obj, "id"));
+        pay__copy(ev->reference, sizeof ev->reference, jid(obj, "payment_intent"));
+        pay__copy(ev->receipt_url, sizeof ev->receipt_url, pay__jstr(obj, "receipt_url"));
         event_order_id(ev, obj);
         if (jint(obj, "amount", &amount)) {
-            event_amount(ev, jstr(obj, "currency"), amount);
+            event_amount(ev, pay__jstr(obj, "currency"), amount);
             ev->full_refund = jint(obj, "amount_refunded", &refunded) && refunded >= amount;
         }
         json_t *refunds = json_object_get(json_object_get(obj, "refunds"), "data");
-        copy(ev->refund_id, sizeof ev->refund_id, jstr(json_array_get(refunds, 0), "id"));
+        pay__copy(ev->refund_id, sizeof ev->refund_id, pay__jstr(json_array_get(refunds, 0), "id"));
     }
     json_decref(root);
     return PAY_WEBHOOK_OK;

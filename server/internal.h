@@ -198,6 +198,10 @@ void srv_metrics_rpc(const char *method, grpc_status_code code, int64_t duration
 void srv__metrics_webhook(const char *provider, const char *result);
 int srv__metrics_render(srv_server *srv, struct metrics_buf *b);
 
+/* server.c: the method table, for metrics: its size and the path of row i (NULL past it). */
+size_t srv_method_count(void);
+const char *srv_method_path(size_t i);
+
 /* server.c: call plumbing shared by the handlers */
 
 /** Sends a unary reply (initial metadata, message if any, status) and releases the body. */

@@ -17,51 +17,19 @@
 #include "amqp/amqp.h"
 #include "cache/cache.h"
 #include "common/metrics.h"
+#include "common/rpc_status.h"
 #include "server/internal.h"
 
 /* ---- RPCs ---- */
 
-/* Keep in step with the method table in server.c: a method missing here is counted as
- * "other". */
-static const char *const rpc_methods[] = {
-    "/orders.v1.OrderService/PlaceOrder",
-    "/orders.v1.OrderService/GetOrder",
-    "/orders.v1.OrderService/ListOrders",
-    "/orders.v1.OrderService/CancelOrder",
-    "/orders.v1.OrderService/ConfirmPayment",
-    "/orders.v1.OrderService/UpdateOrderStatus",
-    "/orders.v1.OrderService/UpsertProduct",
-    "/orders.v1.OrderService/GetProduct",
-    "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-};
-#define NMETHODS (sizeof rpc_methods / sizeof *rpc_methods)
-#define OTHER    NMETHODS /* the row of unknown methods */
-#define NROWS    (NMETHODS + 1)
+/* Rows: the methods of server.c's table (srv_method_path), then "other". */
+#define MAX_METHODS 31
+static size_t nmethods;   /* set once by slots_build */
+#define OTHER MAX_METHODS /* the row of unknown methods */
+#define NROWS (MAX_METHODS + 1)
 
-/* Canonical names of the gRPC codes, which are also the label values. */
-static const char *const code_names[] = {
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-};
-#define NCODES (sizeof code_names / sizeof *code_names)
+/* Codes 0..RPC_STATUS_MAX; their canonical names (rpc_status_name) are the label values. */
+#define NCODES (RPC_STATUS_MAX + 1)
 
 /* Latency buckets in microseconds: 1 ms .. 10 s. */
 static const int64_t rpc_bounds[] = {1000,   2500,   5000,    10000,   25000,   50000,   100000,
@@ -76,7 +44,7 @@ static struct {
 
 /* method path -> row: open addressing over a power-of-two table, filled once. */
 #define NSLOTS 64
-_Static_assert(NSLOTS >= 2 * NMETHODS, "keep the method hash sparse");
+_Static_assert(NSLOTS >= 2 * MAX_METHODS, "keep the method hash sparse");
 static signed char slots[NSLOTS]; /* row + 1; 0 = empty */
 static pthread_once_t slots_once = PTHREAD_ONCE_INIT;
 
@@ -92,8 +60,11 @@ static uint32_t hash_path(const char *s)
 
 static void slots_build(void)
 {
-    for (size_t m = 0; m < NMETHODS; m++) {
-        uint32_t i = hash_path(rpc_methods[m]) & (NSLOTS - 1);
+    nmethods = srv_method_count();
+    if (nmethods > MAX_METHODS)
+        nmethods = MAX_METHODS; /* the rest count as "other" */
+    for (size_t m = 0; m < nmethods; m++) {
+        uint32_t i = hash_path(srv_method_path(m)) & (NSLOTS - 1);
         while (slots[i])
             i = (i + 1) & (NSLOTS - 1);
         slots[i] = (signed char)(m + 1);
@@ -109,7 +80,7 @@ static size_t method_row(const char *method)
         if (!slots[i])
             return OTHER;
         size_t row = (size_t)(slots[i] - 1);
-        if (strcmp(rpc_methods[row], method) == 0)
+        if (strcmp(srv_method_path(row), method) == 0)
             return row;
     }
 }
@@ -164,11 +135,13 @@ static void render_rpc(metrics_buf *b)
                    "gRPC calls finished, by method (full path; \"other\" for unknown ones) and "
                    "status code.");
     for (size_t m = 0; m < NROWS; m++) {
-        const char *name = m == OTHER ? "other" : rpc_methods[m];
+        if (m >= nmethods && m != OTHER)
+            continue;
+        const char *name = m == OTHER ? "other" : srv_method_path(m);
         for (size_t c = 0; c < NCODES; c++) {
             uint64_t n = load(&rpc[m].calls[c]);
             if (n) {
-                const char *labels[] = {"method", name, "code", code_names[c], NULL};
+                const char *labels[] = {"method", name, "code", rpc_status_name((int)c), NULL};
                 metrics_sample_u64(b, "orderd_rpc_requests_total", labels, n);
             }
         }
@@ -178,7 +151,7 @@ static void render_rpc(metrics_buf *b)
     for (size_t m = 0; m < NROWS; m++) {
         if (metrics_hist_count(&rpc[m].latency, NBOUNDS) == 0)
             continue;
-        const char *labels[] = {"method", m == OTHER ? "other" : rpc_methods[m], NULL};
+        const char *labels[] = {"method", m == OTHER ? "other" : srv_method_path(m), NULL};
         metrics_hist_write(b, "orderd_rpc_duration_seconds", labels, &rpc[m].latency, rpc_bounds,
                            NBOUNDS, 6);
     }

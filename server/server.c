@@ -64,6 +64,16 @@ static const srv_method methods[] = {
            srv_reflection),
 };
 
+size_t srv_method_count(void)
+{
+    return sizeof methods / sizeof *methods;
+}
+
+const char *srv_method_path(size_t i)
+{
+    return i < srv_method_count() ? methods[i].path : NULL;
+}
+
 static const srv_method *method_find(grpc_slice path)
 {
     for (size_t i = 0; i < sizeof methods / sizeof *methods; i++)

@@ -243,11 +243,6 @@ static const struct store_sql SQL_UNSETTLED = {
     "  AND o.payment_status IN ('pending', 'succeeded') AND o.updated_at < " STORE_TS(
         "$1") " ORDER BY o.updated_at LIMIT $2::int FOR UPDATE SKIP LOCKED"};
 
-static const struct store_sql SQL_ORDER_SET_PAYMENT = {
-    "orderd_order_set_payment",
-    "UPDATE orders SET payment_provider = $2, payment_reference = $3, payment_status = $4,"
-    " version = version + 1, updated_at = clock_timestamp() WHERE id = $1::uuid"};
-
 /* Items of a page of orders: $1 the ids in page order; u.ord is the 1-based index. */
 static const struct store_sql SQL_ITEMS_FOR_LIST = {
     "orderd_items_for_list",
@@ -758,6 +753,52 @@ static bool is_true(const PGresult *r, int row, int col)
     return strcmp(PQgetvalue(r, row, col), "t") == 0;
 }
 
+/*
+ * Runs one conditional change of an order (`sql`, whose params[0] is the order id and
+ * whose one row says (changed, inbound event seen before)) and reads the order back into
+ * *out, in one transaction. With an inbound event the row is locked by a statement of its
+ * own first, so the change's snapshot (taken after the lock) sees an event a concurrent
+ * delivery just recorded: one applies, the other is a duplicate.
+ * ORDER_OK with *changed, or with !*changed and *out the current order (the caller says
+ * why); ORDER_EDUPLICATE if the event was seen; ORDER_ENOTFOUND; or a store error.
+ */
+static int change_order(struct store *s, order_ctx *ctx, const char *op,
+                        const struct store_sql *sql, int nparams, const char *const *params,
+                        const order_inbound *in, order_t *out, bool *changed)
+{
+    bool lock = in != NULL;
+    struct store_step steps[4] = {{&SQL_ORDER_LOCK, 1, params},
+                                  {sql, nparams, params},
+                                  {&SQL_ORDER_GET, 1, params},
+                                  {&SQL_ITEMS_GET, 1, params}};
+    PGresult *r4[4], **r = r4 + (lock ? 1 : 0);
+    *changed = false;
+    int rc =
+        store__tx(s, ctx, op, STORE_TX_BADID_NOTFOUND, steps + (lock ? 0 : 1), lock ? 4 : 3, r4);
+    if (rc == ORDER_OK && lock)
+        store__clear(r4, 1);
+    if (rc == ORDER_ENOTFOUND)
+        return order_fail(ctx->err, rc, "order %s not found", params[0]);
+    if (rc != ORDER_OK)
+        return rc;
+    if (PQntuples(r[1]) != 1) {
+        store__clear(r, 3);
+        return order_fail(ctx->err, ORDER_ENOTFOUND, "order %s not found", params[0]);
+    }
+    *changed = PQntuples(r[0]) == 1 && is_true(r[0], 0, 0);
+    bool seen = PQntuples(r[0]) == 1 && is_true(r[0], 0, 1);
+    rc = read_order(ctx, r[1], 0, r[2], out);
+    store__clear(r, 3);
+    if (rc != ORDER_OK) {
+        order_clear(out);
+        *changed = false;
+        return rc;
+    }
+    if (!*changed && seen)
+        return order_fail(ctx->err, ORDER_EDUPLICATE, "event %s was already applied", in->id);
+    return ORDER_OK;
+}
+
 static int transition_once(struct store *s, order_ctx *ctx, const order_transition *t, order_t *out)
 {
     const char *to = order_status_name(t->to);
@@ -789,40 +830,12 @@ static int transition_once(struct store *s, order_ctx *ctx, const order_transiti
         t->reference && *t->reference ? t->reference : NULL,
         kind ? t->inbound->id : NULL,
     };
-    /* With an inbound event the row is locked by a statement of its own first, so the
-     * transition's snapshot (taken after the lock) sees an event a concurrent delivery
-     * just recorded: one applies, the other is a duplicate. */
-    struct store_step steps[4] = {{&SQL_ORDER_LOCK, 1, params},
-                                  {&transition_sql[kind], kind ? 12 : 11, params},
-                                  {&SQL_ORDER_GET, 1, params},
-                                  {&SQL_ITEMS_GET, 1, params}};
-    PGresult *r4[4], **r = r4 + (kind ? 1 : 0);
-    int rc = store__tx(s, ctx, "order_transition", STORE_TX_BADID_NOTFOUND, steps + (kind ? 0 : 1),
-                       kind ? 4 : 3, r4);
+    bool moved = false;
+    int rc = change_order(s, ctx, "order_transition", &transition_sql[kind], kind ? 12 : 11, params,
+                          t->inbound, out, &moved);
     store__buf_free(&from);
-    if (rc == ORDER_OK && kind)
-        store__clear(r4, 1);
-    if (rc == ORDER_ENOTFOUND)
-        return order_fail(ctx->err, rc, "order %s not found", t->order_id);
-    if (rc != ORDER_OK)
+    if (rc != ORDER_OK || moved)
         return rc;
-    if (PQntuples(r[1]) != 1) {
-        store__clear(r, 3);
-        return order_fail(ctx->err, ORDER_ENOTFOUND, "order %s not found", t->order_id);
-    }
-    bool moved = PQntuples(r[0]) == 1 && is_true(r[0], 0, 0);
-    bool seen = PQntuples(r[0]) == 1 && is_true(r[0], 0, 1);
-    rc = read_order(ctx, r[1], 0, r[2], out);
-    store__clear(r, 3);
-    if (rc != ORDER_OK) {
-        order_clear(out);
-        return rc;
-    }
-    if (moved)
-        return ORDER_OK;
-    if (seen)
-        return order_fail(ctx->err, ORDER_EDUPLICATE, "event %s was already applied",
-                          t->inbound->id);
 
     /* Refused: say why, with the current order in *out. */
     order_error *e = ctx->err;
@@ -895,37 +908,12 @@ static int repo_order_amend(void *self, order_ctx *ctx, const order_amendment *a
         a->pay_from_set ? set.p : NULL,
         kind ? a->inbound->id : NULL,
     };
-    struct store_step steps[4] = {{&SQL_ORDER_LOCK, 1, params},
-                                  {&amend_sql[kind], kind ? 12 : 11, params},
-                                  {&SQL_ORDER_GET, 1, params},
-                                  {&SQL_ITEMS_GET, 1, params}};
-    PGresult *r4[4], **r = r4 + (kind ? 1 : 0);
-    int rc = store__tx(s, ctx, "order_amend", STORE_TX_BADID_NOTFOUND, steps + (kind ? 0 : 1),
-                       kind ? 4 : 3, r4);
+    bool changed = false;
+    int rc = change_order(s, ctx, "order_amend", &amend_sql[kind], kind ? 12 : 11, params,
+                          a->inbound, out, &changed);
     store__buf_free(&set);
-    if (rc == ORDER_OK && kind)
-        store__clear(r4, 1);
-    if (rc == ORDER_ENOTFOUND)
-        return order_fail(ctx->err, rc, "order %s not found", a->order_id);
-    if (rc != ORDER_OK)
+    if (rc != ORDER_OK || changed)
         return rc;
-    if (PQntuples(r[1]) != 1) {
-        store__clear(r, 3);
-        return order_fail(ctx->err, ORDER_ENOTFOUND, "order %s not found", a->order_id);
-    }
-    bool changed = PQntuples(r[0]) == 1 && is_true(r[0], 0, 0);
-    bool seen = PQntuples(r[0]) == 1 && is_true(r[0], 0, 1);
-    rc = read_order(ctx, r[1], 0, r[2], out);
-    store__clear(r, 3);
-    if (rc != ORDER_OK) {
-        order_clear(out);
-        return rc;
-    }
-    if (changed)
-        return ORDER_OK;
-    if (seen)
-        return order_fail(ctx->err, ORDER_EDUPLICATE, "event %s was already applied",
-                          a->inbound->id);
     order_error *e = ctx->err;
     snprintf(e->precondition_type, sizeof e->precondition_type, "PAYMENT_STATUS");
     snprintf(e->precondition_subject, sizeof e->precondition_subject, "%s", out->id);
@@ -1043,34 +1031,6 @@ static int repo_orders_unsettled(void *self, order_ctx *ctx, int64_t changed_bef
     return rc;
 }
 
-static int repo_order_set_payment(void *self, order_ctx *ctx, const char *order_id,
-                                  order_provider provider, const char *reference,
-                                  order_pay_status pay_status, order_t *out)
-{
-    struct store *s = self;
-    const char *params[4] = {order_id, order_provider_name(provider),
-                             reference && *reference ? reference : NULL,
-                             order_pay_status_name(pay_status)};
-    struct store_step steps[3] = {{&SQL_ORDER_SET_PAYMENT, 4, params},
-                                  {&SQL_ORDER_GET, 1, params},
-                                  {&SQL_ITEMS_GET, 1, params}};
-    PGresult *r[3];
-    int rc = store__tx(s, ctx, "order_set_payment", STORE_TX_BADID_NOTFOUND, steps, 3, r);
-    if (rc == ORDER_ENOTFOUND)
-        return order_fail(ctx->err, rc, "order %s not found", order_id);
-    if (rc != ORDER_OK)
-        return rc;
-    if (PQntuples(r[1]) != 1) {
-        store__clear(r, 3);
-        return order_fail(ctx->err, ORDER_ENOTFOUND, "order %s not found", order_id);
-    }
-    rc = read_order(ctx, r[1], 0, r[2], out);
-    store__clear(r, 3);
-    if (rc != ORDER_OK)
-        order_clear(out);
-    return rc;
-}
-
 void store_order_port(struct store *s, order_store *out)
 {
     *out = (order_store){
@@ -1081,7 +1041,6 @@ void store_order_port(struct store *s, order_store *out)
         .order_get = repo_order_get,
         .order_list = repo_order_list,
         .order_transition = repo_order_transition,
-        .order_set_payment = repo_order_set_payment,
         .order_amend = repo_order_amend,
         .inbound_seen = repo_inbound_seen,
         .order_find_by_payment = repo_order_find_by_payment,

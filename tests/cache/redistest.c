@@ -425,28 +425,6 @@ static int f_order_transition(void *self, order_ctx *ctx, const order_transition
     return rc;
 }
 
-static int f_order_set_payment(void *self, order_ctx *ctx, const char *order_id,
-                               order_provider provider, const char *reference,
-                               order_pay_status pay_status, order_t *out)
-{
-    fake_store *f = self;
-    atomic_fetch_add(&f->set_payments, 1);
-    pthread_mutex_lock(&f->mu);
-    order_t *o = find(f, order_id);
-    int rc;
-    if (!o) {
-        rc = order_fail(ctx->err, ORDER_ENOTFOUND, "no order");
-    } else {
-        o->pay_provider = provider;
-        snprintf(o->pay_reference, sizeof o->pay_reference, "%s", reference);
-        o->pay_status = pay_status;
-        o->version++;
-        rc = order_copy(out, o);
-    }
-    pthread_mutex_unlock(&f->mu);
-    return rc;
-}
-
 static void set_opt(char *dst, size_t cap, const char *v)
 {
     if (v && *v)
@@ -595,7 +573,6 @@ order_store fake_port(fake_store *f)
         .order_insert = f_order_insert,
         .order_get = f_order_get,
         .order_transition = f_order_transition,
-        .order_set_payment = f_order_set_payment,
         .order_amend = f_order_amend,
         .inbound_seen = f_inbound_seen,
         .order_find_by_payment = f_order_find_by_payment,

@@ -64,7 +64,7 @@ typedef struct fake_store {
     pthread_mutex_t mu;
     order_t orders[FAKE_MAX_ORDERS]; /* id "" = free slot */
     int next_id;
-    atomic_int gets, inserts, transitions, set_payments;
+    atomic_int gets, inserts, transitions;
     atomic_int amends, finds, expiries, unsettled;
     int64_t get_delay_us; /* each order_get sleeps this long (a PostgreSQL read) */
     /* Called once, by the next order_get, after it read the order and before it returns:

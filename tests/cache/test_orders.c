@@ -150,9 +150,11 @@ static void test_writes_replace_the_entry(void **state)
     order_clear(&out);
     assert_int_equal(get_version(&s, id), 2);
 
-    assert_int_equal(s.order_set_payment(s.self, &ctx, id, ORDER_PROVIDER_LOCAL, "ref-1",
-                                         ORDER_PAY_SUCCEEDED, &out),
-                     ORDER_OK);
+    order_amendment a = {.order_id = id,
+                         .provider = ORDER_PROVIDER_LOCAL,
+                         .reference = "ref-1",
+                         .pay_status = ORDER_PAY_SUCCEEDED};
+    assert_int_equal(s.order_amend(s.self, &ctx, &a, &out), ORDER_OK);
     order_clear(&out);
     order_t g;
     assert_int_equal(get(&s, id, &g), ORDER_OK);

@@ -34,6 +34,21 @@
 
 /* ---- fakes ---- */
 
+/* server.c's method table (not linked here): the paths metrics.c keeps rows for. */
+static const char *const fake_methods[] = {"/orders.v1.OrderService/PlaceOrder",
+                                           "/orders.v1.OrderService/GetOrder",
+                                           "/grpc.health.v1.Health/Check"};
+
+size_t srv_method_count(void)
+{
+    return sizeof fake_methods / sizeof *fake_methods;
+}
+
+const char *srv_method_path(size_t i)
+{
+    return i < srv_method_count() ? fake_methods[i] : NULL;
+}
+
 static pthread_mutex_t fake_mu = PTHREAD_MUTEX_INITIALIZER;
 
 /* The fakes run on MHD's threads, where cmocka's asserts (longjmp) must not be used: they

@@ -455,9 +455,11 @@ static void test_transition_and_payment_of_missing_order(void **state)
     assert_int_equal(P.order_transition(P.self, &ctx, &t, &out), ORDER_ENOTFOUND);
     t.order_id = "garbage";
     assert_int_equal(P.order_transition(P.self, &ctx, &t, &out), ORDER_ENOTFOUND);
-    assert_int_equal(P.order_set_payment(P.self, &ctx, "00000000-0000-4000-8000-00000000abcd",
-                                         ORDER_PROVIDER_LOCAL, "lp_x", ORDER_PAY_PENDING, &out),
-                     ORDER_ENOTFOUND);
+    order_amendment a = {.order_id = "00000000-0000-4000-8000-00000000abcd",
+                         .provider = ORDER_PROVIDER_LOCAL,
+                         .reference = "lp_x",
+                         .pay_status = ORDER_PAY_PENDING};
+    assert_int_equal(P.order_amend(P.self, &ctx, &a, &out), ORDER_ENOTFOUND);
 }
 
 static void test_set_payment(void **state)
@@ -467,9 +469,11 @@ static void test_set_payment(void **state)
     order_error e;
     order_ctx ctx = pgt_ctx(&e, "svc", 0);
     order_t out = {0};
-    assert_int_equal(P.order_set_payment(P.self, &ctx, o.id, ORDER_PROVIDER_LOCAL,
-                                         "lp_0123456789abcdef01234567", ORDER_PAY_PENDING, &out),
-                     ORDER_OK);
+    order_amendment a = {.order_id = o.id,
+                         .provider = ORDER_PROVIDER_LOCAL,
+                         .reference = "lp_0123456789abcdef01234567",
+                         .pay_status = ORDER_PAY_PENDING};
+    assert_int_equal(P.order_amend(P.self, &ctx, &a, &out), ORDER_OK);
     assert_int_equal(out.pay_provider, ORDER_PROVIDER_LOCAL);
     assert_string_equal(out.pay_reference, "lp_0123456789abcdef01234567");
     assert_int_equal(out.pay_status, ORDER_PAY_PENDING);

@@ -349,26 +349,6 @@ static int fs_order_transition(void *self, order_ctx *ctx, const order_transitio
     return ORDER_OK;
 }
 
-static int fs_order_set_payment(void *self, order_ctx *ctx, const char *order_id,
-                                order_provider provider, const char *reference,
-                                order_pay_status pay_status, order_t *out)
-{
-    fake_store *fs = self;
-    int rc = store_enter(fs, ctx, FAKE_ORDER_SET_PAYMENT);
-    if (rc != ORDER_OK)
-        return rc;
-    order_t *o = find_order(fs, order_id);
-    if (!o)
-        return not_found(ctx, order_id);
-    o->pay_provider = provider;
-    copy_str(o->pay_reference, sizeof o->pay_reference, reference);
-    o->pay_status = pay_status;
-    o->version++;
-    o->updated_at_us = store_tick(fs);
-    copy_order(out, o);
-    return ORDER_OK;
-}
-
 static int fs_inbound_seen(void *self, order_ctx *ctx, const order_inbound *in, bool *seen)
 {
     fake_store *fs = self;
@@ -585,7 +565,6 @@ order_store fake_store_port(fake_store *fs)
         .order_get = fs_order_get,
         .order_list = fs_order_list,
         .order_transition = fs_order_transition,
-        .order_set_payment = fs_order_set_payment,
         .order_amend = fs_order_amend,
         .inbound_seen = fs_inbound_seen,
         .order_find_by_payment = fs_order_find_by_payment,
@@ -650,8 +629,8 @@ const fake_history *fake_store_history_last(const fake_store *fs, const char *or
 int fake_store_writes(const fake_store *fs)
 {
     return fs->calls[FAKE_ORDER_INSERT] + fs->calls[FAKE_PRODUCT_UPSERT] +
-           fs->calls[FAKE_ORDER_TRANSITION] + fs->calls[FAKE_ORDER_SET_PAYMENT] +
-           fs->calls[FAKE_ORDER_AMEND] + fs->calls[FAKE_ORDERS_EXPIRE_DUE];
+           fs->calls[FAKE_ORDER_TRANSITION] + fs->calls[FAKE_ORDER_AMEND] +
+           fs->calls[FAKE_ORDERS_EXPIRE_DUE];
 }
 
 /* ---- the payment provider ---- */

@@ -37,7 +37,6 @@ enum fake_store_op {
     FAKE_ORDER_GET,
     FAKE_ORDER_LIST,
     FAKE_ORDER_TRANSITION,
-    FAKE_ORDER_SET_PAYMENT,
     FAKE_ORDER_AMEND,
     FAKE_ORDER_FIND_BY_PAYMENT,
     FAKE_ORDERS_EXPIRE_DUE,
@@ -118,7 +117,7 @@ const order_t *fake_store_order(const fake_store *fs, const char *id);
 size_t fake_store_history_count(const fake_store *fs, const char *order_id);
 /** The last history row of one order, or NULL. */
 const fake_history *fake_store_history_last(const fake_store *fs, const char *order_id);
-/** Total calls to every write operation (insert, upsert, transition, set_payment, amend,
+/** Total calls to every write operation (insert, upsert, transition, amend,
  *  expire_due). */
 int fake_store_writes(const fake_store *fs);
 /** Whether an inbound event id of this kind was recorded. */
