@@ -487,12 +487,21 @@ static void proxy_set(amqpt_proxy *p, bool *field, bool v)
 
 void amqpt_proxy_freeze(amqpt_proxy *p, bool frozen)
 {
-    proxy_set(p, &p->frozen, frozen);
+    /* Thawing ends the connections that were cut off: like a partition, nothing sent
+     * meanwhile arrives late. The peers see them closed and reconnect. Both flags change
+     * under one lock: were `frozen` cleared first, the proxy thread could wake between the
+     * two and forward the bytes held during the freeze (a late publish the broker would
+     * take, so the test would see it twice). */
+    pthread_mutex_lock(&p->mu);
+    p->frozen = frozen;
+    if (!frozen)
+        p->cut = true;
+    pthread_mutex_unlock(&p->mu);
+    char c = 1;
+    ssize_t w = write(p->wake[1], &c, 1);
+    (void)w;
     if (frozen)
         return;
-    /* Thawing ends the connections that were cut off: like a partition, nothing sent
-     * meanwhile arrives late. The peers see them closed and reconnect. */
-    proxy_set(p, &p->cut, true);
     for (int i = 0; i < 200; i++) {
         pthread_mutex_lock(&p->mu);
         bool pending = p->cut;
