@@ -58,8 +58,17 @@ static int setup(void **state)
     return 0;
 }
 
+/* Relays a test started and has not stopped: a failed assertion jumps straight to
+ * teardown, which stops them, so a failing test cannot leave a relay publishing the next
+ * test's rows. */
+static amqp_relay *LIVE[4];
+static void stop_relay(amqp_relay *r);
+
 static int teardown(void **state)
 {
+    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
+        if (LIVE[i])
+            stop_relay(LIVE[i]);
     amqpt_delete_queue(RAW, SQ);
     amqpt_delete_queue(RAW, OQ);
     amqpt_delete_exchange(RAW, EX);
@@ -74,7 +83,21 @@ static amqp_relay *start_on(const amqp_settings *s, const char *dsn, int64_t stm
     char err[256] = "";
     if (amqp_relay_start(s, dsn, stmt_timeout_us, &r, err, sizeof err) != 0)
         fail_msg("amqp_relay_start: %s", err);
-    return r;
+    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
+        if (!LIVE[i]) {
+            LIVE[i] = r;
+            return r;
+        }
+    fail_msg("more relays than LIVE holds");
+    return NULL;
+}
+
+static void stop_relay(amqp_relay *r)
+{
+    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
+        if (LIVE[i] == r)
+            LIVE[i] = NULL;
+    amqp_relay_stop(r);
 }
 
 static amqp_relay *start(const amqp_settings *s)
@@ -244,7 +267,7 @@ static void test_publishes_every_event_with_its_properties(void **state)
     assert_int_equal(st.nacked + st.unroutable + st.timeouts, 0);
     assert_true(st.connected);
     int64_t t0 = clock_mono_us();
-    amqp_relay_stop(r);
+    stop_relay(r);
     assert_true(clock_mono_us() - t0 < 3 * 1000000);
     order_clear(&a);
     order_clear(&b);
@@ -266,7 +289,7 @@ static void test_notify_wakes_an_idle_relay(void **state)
     assert_true(amqpt_wait(all_sent, NULL, 5 * 1000000));
     assert_true(clock_mono_us() - t0 < 3 * 1000000);
     assert_int_equal(stats_of(r).published, 2);
-    amqp_relay_stop(r);
+    stop_relay(r);
     order_clear(&a);
 }
 
@@ -285,7 +308,7 @@ static void test_heartbeats_keep_an_idle_connection(void **state)
     assert_int_equal(st.reconnects, 0); /* the same connection all along */
     assert_true(st.connected);
     assert_int_equal(st.published, 2);
-    amqp_relay_stop(r);
+    stop_relay(r);
     order_clear(&a);
 }
 
@@ -328,7 +351,7 @@ static void test_unreachable_broker_keeps_rows_then_drains(void **state)
     w.want = 8;
     assert_true(amqpt_wait(backlog_is, &w, 5 * 1000000));
     int64_t t0 = clock_mono_us();
-    amqp_relay_stop(r); /* promptly, even while reconnecting */
+    stop_relay(r); /* promptly, even while reconnecting */
     assert_true(clock_mono_us() - t0 < 2 * 1000000);
 
     r = start(&SET);
@@ -343,7 +366,7 @@ static void test_unreachable_broker_keeps_rows_then_drains(void **state)
     size_t n = collect(msgs, 16, 1000000);
     assert_int_equal(n, 8);
     check_messages(msgs, n, EX);
-    amqp_relay_stop(r);
+    stop_relay(r);
     order_clear(&a);
     order_clear(&b);
     order_clear(&c);
@@ -408,7 +431,7 @@ static void test_unroutable_family_backs_off_while_the_other_flows(void **state)
     assert_int_equal(n, 3);
     check_messages(msgs, n, EX);
     assert_int_equal(stats_of(r).published, 6);
-    amqp_relay_stop(r);
+    stop_relay(r);
     order_clear(&a);
     order_clear(&b);
 }
@@ -452,8 +475,8 @@ static void test_two_relays_share_the_outbox(void **state)
     free(msgs);
     amqp_relay_stats s1 = stats_of(r1), s2 = stats_of(r2);
     assert_int_equal(s1.published + s2.published, WRITER_ORDERS * 5);
-    amqp_relay_stop(r1);
-    amqp_relay_stop(r2);
+    stop_relay(r1);
+    stop_relay(r2);
 }
 
 static void test_quorum_queues_and_a_queue_declared_otherwise(void **state)
@@ -475,7 +498,7 @@ static void test_quorum_queues_and_a_queue_declared_otherwise(void **state)
     size_t n = collect(msgs, 4, 1000000);
     assert_int_equal(n, 2);
     check_messages(msgs, n, EX);
-    amqp_relay_stop(r);
+    stop_relay(r);
     order_clear(&a);
 }
 
@@ -494,7 +517,7 @@ static void test_prunes_published_rows(void **state)
     assert_true(amqpt_wait(pruned, NULL, 10 * 1000000));
     assert_int_equal(stats_of(r).pruned, 4);
     assert_int_equal(stats_of(r).published, 4);
-    amqp_relay_stop(r);
+    stop_relay(r);
     order_clear(&a);
 }
 
@@ -543,7 +566,7 @@ static void test_silent_broker_is_given_up_and_retried(void **state)
     amqpt_proxy_freeze(px, true);
     usleep(200 * 1000);
     int64_t t0 = clock_mono_us();
-    amqp_relay_stop(r);
+    stop_relay(r);
     assert_true(clock_mono_us() - t0 < 3 * 1000000);
     amqpt_proxy_stop(px);
     order_clear(&a);
@@ -601,7 +624,7 @@ static void test_silent_postgres_keeps_the_relay_responsive(void **state)
     amqpt_proxy_freeze(px, true);
     usleep(500 * 1000); /* mid-call on the silent server, most likely */
     int64_t t0 = clock_mono_us();
-    amqp_relay_stop(r);
+    stop_relay(r);
     assert_true(clock_mono_us() - t0 < 5 * 1000000);
     amqpt_proxy_stop(px);
     order_clear(&a);
