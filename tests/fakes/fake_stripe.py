@@ -23,6 +23,27 @@ Faithful to Stripe (docs.stripe.com, 2024 API versions):
   * Stripe's test payment methods (pm_card_visa, pm_card_chargeDeclined,
     ...InsufficientFunds, ...Fraudulent, ...LostCard, ...StolenCard, ...ExpiredCard,
     ...IncorrectCvc, ...ProcessingError, pm_card_authenticationRequired).
+  * Customers and saved cards: POST /v1/customers (email, name, description,
+    metadata), GET /v1/customers/{id}; POST /v1/payment_methods/{id}/attach
+    (customer required), GET /v1/payment_methods/{id}. As with Stripe's test ids,
+    attaching a test id (pm_card_visa, any pm_card_*) - or retrieving one - mints a new
+    PaymentMethod pm_<24> with its card (brand, last4 of the test card) that behaves
+    like the test id (same decline / processing / authentication outcome); attaching
+    one already attached to another customer -> 400 "The payment method you provided
+    has already been attached to a customer." (stored under an Idempotency-Key, like
+    the other state errors).
+  * A PaymentMethod attached to a Customer is refused on PaymentIntent create (and on
+    confirm, against the intent's customer) unless that customer is named: another
+    customer -> 400 resource_missing, param payment_method, "The customer does not have
+    a payment method with the ID pm_x. The payment method must be attached to the
+    customer." (Stripe's words); none -> 400 invalid_request_error, no code, param
+    customer (Stripe's shape; the wording "The provided PaymentMethod belongs to a
+    Customer: pass the ID of that Customer in the customer parameter." is the
+    fake's). A customer that does not exist -> 400 resource_missing, param customer,
+    "No such customer: 'cus_x'" (on attach as well; a customer in the URL that does not
+    exist is 404). These are validation errors: no PaymentIntent, nothing stored.
+    The intent's customer field is the customer named. Test ids used directly are not
+    attached to anyone, so they work with or without a (known) customer.
   * Cancel allowed only from requires_payment_method / requires_capture /
     requires_confirmation / requires_action / processing, else 400
     payment_intent_unexpected_state (also when already canceled).
@@ -35,10 +56,17 @@ Faithful to Stripe (docs.stripe.com, 2024 API versions):
   * Minimum amounts for a few currencies (usd/eur 50, gbp 30, ...): amount_too_small.
 
 Simplified / fake-only:
-  * One account, one secret key; test mode only (livemode false). No customers,
-    payment-method objects (payment_method stays an id), lists, search, or updates.
-  * Any pm_ id not in the table succeeds like pm_card_visa; pm_card_processing
-    (fake-only) leaves the intent in processing. Confirm without off_session on
+  * One account, one secret key; test mode only (livemode false). No lists, search,
+    updates or deletes; no detach, no SetupIntents, no setup_future_usage attaching,
+    no customer default payment method; customers carry only id, email, name,
+    description, metadata, created. payment_method on a PaymentIntent or charge stays
+    an id (last_payment_error and a card error carry the PaymentMethod object when it
+    is a stored one, else a stub {id, object, type}).
+  * Re-attaching a PaymentMethod to the customer it is already attached to answers it
+    unchanged. Minted PaymentMethods' exp_month/exp_year are next year's this month.
+  * On a PaymentIntent, any pm_ id that is neither a minted one nor in the table
+    succeeds like pm_card_visa (the payment_methods endpoints answer 404 for it);
+    pm_card_processing (fake-only) leaves the intent in processing. Confirm without off_session on
     pm_card_authenticationRequired -> requires_action (no 3DS flow; use /_fake/pay).
   * automatic_payment_methods does not demand a return_url when confirming.
   * Currencies: any in the table below, accepted in either case and stored lower-case.
@@ -91,6 +119,25 @@ AUTH_REQUIRED = ("authentication_required", "authentication_required",
                  "Your card was declined. This transaction requires authentication.")
 DECLINE_MESSAGES = {dc: msg for _, dc, msg in list(DECLINES.values()) + [AUTH_REQUIRED]}
 
+# Stripe's test payment methods -> (brand, last4, funding) of the test card behind each one.
+# Any other pm_card_* is a test id too (a visa 4242 here); pm_card_processing is fake-only.
+TEST_CARDS = {
+    "pm_card_visa": ("visa", "4242", "credit"),
+    "pm_card_visa_debit": ("visa", "5556", "debit"),
+    "pm_card_mastercard": ("mastercard", "4444", "credit"),
+    "pm_card_amex": ("amex", "8431", "credit"),
+    "pm_card_chargeDeclined": ("visa", "0002", "credit"),
+    "pm_card_chargeDeclinedInsufficientFunds": ("visa", "9995", "credit"),
+    "pm_card_chargeDeclinedFraudulent": ("visa", "0019", "credit"),
+    "pm_card_chargeDeclinedLostCard": ("visa", "9987", "credit"),
+    "pm_card_chargeDeclinedStolenCard": ("visa", "9979", "credit"),
+    "pm_card_chargeDeclinedExpiredCard": ("visa", "0069", "credit"),
+    "pm_card_chargeDeclinedIncorrectCvc": ("visa", "0127", "credit"),
+    "pm_card_chargeDeclinedProcessingError": ("visa", "0119", "credit"),
+    "pm_card_authenticationRequired": ("visa", "3184", "credit"),
+    "pm_card_processing": ("visa", "4242", "credit"),
+}
+
 CANCELABLE = ("requires_payment_method", "requires_capture", "requires_confirmation",
               "requires_action", "processing")
 CANCEL_REASONS = ("abandoned", "duplicate", "fraudulent", "requested_by_customer")
@@ -105,6 +152,8 @@ PI_CREATE_PARAMS = {"amount", "currency", "metadata", "automatic_payment_methods
 PI_CONFIRM_PARAMS = {"payment_method", "off_session", "return_url", "expand", "receipt_email",
                      "setup_future_usage", "payment_method_options", "error_on_requires_action",
                      "use_stripe_sdk", "mandate_data", "shipping"}
+CUSTOMER_CREATE_PARAMS = {"email", "name", "description", "metadata", "expand"}
+PM_ATTACH_PARAMS = {"customer", "expand"}
 REFUND_PARAMS = {"payment_intent", "charge", "amount", "reason", "metadata", "expand",
                  "instructions_email", "refund_application_fee", "reverse_transfer"}
 
@@ -135,6 +184,11 @@ def invalid(message, param=None, code=None, status=400, store=False, **extra):
     return err(status, "invalid_request_error", message, code=code, param=param, store=store, **extra)
 
 
+def is_test_pm(pm):
+    """A magic test id (pm_card_visa, ...): every use stands for a fresh PaymentMethod."""
+    return isinstance(pm, str) and (pm in TEST_CARDS or pm.startswith("pm_card_"))
+
+
 def money(amount, currency):
     major = amount if currency in ZERO_DECIMAL else amount / 100
     text = f"{major:,.0f}" if currency in ZERO_DECIMAL else f"{major:,.2f}"
@@ -153,6 +207,9 @@ class FakeStripe(FakeServer):
         self.key = self._initial["key"]
         self.api_version = self._initial["api_version"]
         self.idem = {}  # key -> {"fp", "path", "done", "status", "body", "req_id"}
+        # Customers (cus_) and PaymentMethods (pm_) live in self.objects, which reset() has
+        # just emptied; this maps each minted pm_ id to the test id it behaves like.
+        self.pm_origin = {}
 
     def configure(self, data):
         for k, v in data.items():
@@ -267,6 +324,10 @@ class FakeStripe(FakeServer):
         ("POST", r"/v1/refunds", "create_refund"),
         ("GET", r"/v1/refunds/([^/]+)", "get_refund"),
         ("GET", r"/v1/charges/([^/]+)", "get_charge"),
+        ("POST", r"/v1/customers", "create_customer"),
+        ("GET", r"/v1/customers/([^/]+)", "get_customer"),
+        ("POST", r"/v1/payment_methods/([^/]+)/attach", "attach_pm"),
+        ("GET", r"/v1/payment_methods/([^/]+)", "get_pm"),
     ]
 
     def _route(self, req):
@@ -321,6 +382,36 @@ class FakeStripe(FakeServer):
         return {k: v for k, v in md.items() if v != ""}
 
     @staticmethod
+    def _str(p, name):
+        v = p.get(name)
+        if v is not None and not isinstance(v, str):
+            raise invalid(f"Invalid string: {v}", param=name)
+        return v or None
+
+    def _customer_param(self, p):
+        """The customer a request names (None if none), which must exist: else 400
+        resource_missing, param customer, as Stripe answers for an id in the body."""
+        cus = self._str(p, "customer")
+        if cus is not None and (cus not in self.objects or not cus.startswith("cus_")):
+            raise invalid(f"No such customer: '{cus}'", param="customer", code="resource_missing")
+        return cus
+
+    def _check_pm_customer(self, pm, customer):
+        """Stripe refuses a PaymentMethod that is attached to a Customer unless the request
+        (or, for confirm, the PaymentIntent) names that same customer. Validation: nothing
+        is created and nothing is stored under an Idempotency-Key."""
+        obj = self.objects.get(pm) if isinstance(pm, str) else None
+        if obj is None or obj.get("object") != "payment_method" or not obj["customer"]:
+            return
+        if customer is None:
+            raise invalid("The provided PaymentMethod belongs to a Customer: pass the ID of that Customer "
+                          "in the customer parameter.", param="customer")
+        if customer != obj["customer"]:
+            raise invalid(f"The customer does not have a payment method with the ID {pm}. The payment "
+                          "method must be attached to the customer.", param="payment_method",
+                          code="resource_missing")
+
+    @staticmethod
     def _expand(p):
         e = p.get("expand") or []
         return [e] if isinstance(e, str) else list(e)
@@ -337,6 +428,26 @@ class FakeStripe(FakeServer):
         if "latest_charge" in expand and pi["latest_charge"]:
             out["latest_charge"] = copy.deepcopy(self.objects[pi["latest_charge"]])
         return out
+
+    def _mint_pm(self, test_pm, customer=None):
+        """A new PaymentMethod pm_<random> that behaves like the test id it came from."""
+        brand, last4, funding = TEST_CARDS.get(test_pm, TEST_CARDS["pm_card_visa"])
+        now = time.localtime()
+        pm = {"id": "pm_" + rand_id(24), "object": "payment_method",
+              "billing_details": {"address": None, "email": None, "name": None, "phone": None},
+              "card": {"brand": brand, "country": "US", "exp_month": now.tm_mon, "exp_year": now.tm_year + 1,
+                       "funding": funding, "last4": last4},
+              "created": int(time.time()), "customer": customer, "livemode": False, "metadata": {},
+              "type": "card"}
+        self.objects[pm["id"]] = pm
+        self.pm_origin[pm["id"]] = test_pm
+        return pm
+
+    def _pm_view(self, pm):
+        obj = self.objects.get(pm)
+        if obj is not None and obj.get("object") == "payment_method":
+            return copy.deepcopy(obj)
+        return {"id": pm, "object": "payment_method", "type": "card"}
 
     def _new_charge(self, pi, failure=None):
         ok = failure is None
@@ -372,7 +483,7 @@ class FakeStripe(FakeServer):
     def _decline(self, pi, code, decline_code, message, raise_error=True):
         pm = pi["payment_method"] or "pm_card_chargeDeclined"
         ch = self._new_charge(pi, (code, decline_code, message))
-        pm_obj = {"id": pm, "object": "payment_method", "type": "card"}
+        pm_obj = self._pm_view(pm)
         pi["last_payment_error"] = {"type": "card_error", "code": code, "decline_code": decline_code,
                                     "message": message, "charge": ch["id"], "payment_method": pm_obj,
                                     "doc_url": f"https://stripe.com/docs/error-codes/{code.replace('_', '-')}"}
@@ -383,6 +494,7 @@ class FakeStripe(FakeServer):
 
     def _confirm(self, pi, pm, off_session):
         pi["payment_method"] = pm
+        pm = self.pm_origin.get(pm, pm)  # a minted PaymentMethod behaves like its test id
         if pm == "pm_card_processing":
             pi["status"] = "processing"
         elif pm == "pm_card_authenticationRequired" and not off_session:
@@ -441,12 +553,14 @@ class FakeStripe(FakeServer):
                           "either update the PaymentIntent with a payment method and then confirm it again, or "
                           "confirm it again directly with a payment method.",
                           code="payment_intent_unexpected_state")
+        customer = self._customer_param(p)
+        self._check_pm_customer(pm, customer)
         pi_id = "pi_" + rand_id(24)
         pi = {"id": pi_id, "object": "payment_intent", "amount": amount, "amount_capturable": 0,
               "amount_received": 0, "automatic_payment_methods": apm, "canceled_at": None,
               "cancellation_reason": None, "capture_method": capture_method,
               "client_secret": f"{pi_id}_secret_{rand_id(25)}", "confirmation_method": "automatic",
-              "created": int(time.time()), "currency": currency, "customer": p.get("customer"),
+              "created": int(time.time()), "currency": currency, "customer": customer,
               "description": p.get("description"), "last_payment_error": None, "latest_charge": None,
               "livemode": False, "metadata": metadata, "next_action": None, "payment_method": pm,
               "payment_method_types": p.get("payment_method_types") or ["card"],
@@ -470,6 +584,7 @@ class FakeStripe(FakeServer):
         if not pm:
             raise invalid("You cannot confirm this PaymentIntent because it's missing a payment method.",
                           code="payment_intent_unexpected_state")
+        self._check_pm_customer(pm, pi["customer"])
         self._confirm(pi, pm, self._bool(p, "off_session"))
         return self.render_pi(pi, self._expand(p))
 
@@ -554,6 +669,46 @@ class FakeStripe(FakeServer):
     def get_charge(self, p, ch_id):
         return copy.deepcopy(self._get(ch_id, "ch_", "charge", "id"))
 
+    def create_customer(self, p):
+        self._check_params(p, CUSTOMER_CREATE_PARAMS)
+        fields = {k: self._str(p, k) for k in ("email", "name", "description")}
+        metadata = self._metadata(p)
+        cus = {"id": "cus_" + rand_id(14), "object": "customer", "created": int(time.time()),
+               "description": fields["description"], "email": fields["email"], "livemode": False,
+               "metadata": metadata, "name": fields["name"]}
+        self.objects[cus["id"]] = cus
+        return copy.deepcopy(cus)
+
+    def get_customer(self, p, cus_id):
+        return copy.deepcopy(self._get(cus_id, "cus_", "customer", "id"))
+
+    def _lookup_pm(self, pm_id):
+        obj = self.objects.get(pm_id)
+        if obj is None or obj.get("object") != "payment_method":
+            if is_test_pm(pm_id):
+                return None
+            raise invalid(f"No such PaymentMethod: '{pm_id}'", param="payment_method", code="resource_missing",
+                          status=404)
+        return obj
+
+    def attach_pm(self, p, pm_id):
+        self._check_params(p, PM_ATTACH_PARAMS)
+        if not p.get("customer"):
+            raise invalid("Missing required param: customer.", param="customer", code="parameter_missing")
+        obj = self._lookup_pm(pm_id)
+        customer = self._customer_param(p)
+        if obj is None:  # a test id: attaching it mints a new PaymentMethod, as Stripe does
+            return copy.deepcopy(self._mint_pm(pm_id, customer))
+        if obj["customer"] not in (None, customer):
+            raise invalid("The payment method you provided has already been attached to a customer.",
+                          store=True)
+        obj["customer"] = customer
+        return copy.deepcopy(obj)
+
+    def get_pm(self, p, pm_id):
+        obj = self._lookup_pm(pm_id)
+        return copy.deepcopy(obj if obj is not None else self._mint_pm(pm_id))
+
     # ---- control API (called with self.lock held) --------------------------
     def _ctl_pi(self, data):
         pi = self.objects.get(str(data.get("id")))
@@ -612,7 +767,8 @@ class FakeStripe(FakeServer):
 
 
 def main(argv=None):
-    parser = common_args("Local fake of the Stripe API (PaymentIntents, refunds, webhooks).")
+    parser = common_args("Local fake of the Stripe API (PaymentIntents, refunds, customers, "
+                         "saved payment methods, webhooks).")
     parser.add_argument("--key", default="sk_test_fake", help="the secret key clients must send")
     parser.add_argument("--api-version", default=DEFAULT_API_VERSION)
     return run_main(lambda a: FakeStripe(key=a.key, api_version=a.api_version, host=a.host, port=a.port,

@@ -347,6 +347,223 @@ def test_stripe_event_signature(st):
     assert cr["data"]["object"]["object"] == "charge" and cr["data"]["object"]["refunded"] is True
 
 
+# ---- Stripe customers and saved payment methods ------------------------------------
+def new_customer(base, *params):
+    r = sreq(base, "POST", "/v1/customers", list(params))
+    assert r.status == 200, r.raw
+    return r.json["id"]
+
+
+def attach(base, pm, cus):
+    r = sreq(base, "POST", f"/v1/payment_methods/{pm}/attach", [("customer", cus)])
+    assert r.status == 200, r.raw
+    return r.json["id"]
+
+
+def charge_saved(base, pm, cus=None, idem=None):
+    params = PI + [("payment_method", pm), ("confirm", "true"), ("off_session", "true")]
+    return sreq(base, "POST", "/v1/payment_intents", params + ([("customer", cus)] if cus else []), idem=idem)
+
+
+def intents(srv):
+    with srv.lock:
+        return [o["id"] for o in srv.objects.values() if o["object"] == "payment_intent"]
+
+
+def test_stripe_create_and_get_customer(st):
+    r = sreq(st, "POST", "/v1/customers", [("email", "ada@example.com"), ("name", "Ada"),
+                                           ("description", "shopper 7"), ("metadata[user_id]", "u-7")])
+    assert r.status == 200, r.raw
+    cus = r.json
+    assert re.fullmatch(r"cus_[A-Za-z0-9]{14}", cus["id"]) and cus["object"] == "customer"
+    assert (cus["email"], cus["name"], cus["description"]) == ("ada@example.com", "Ada", "shopper 7")
+    assert cus["metadata"] == {"user_id": "u-7"} and cus["livemode"] is False and isinstance(cus["created"], int)
+    assert sreq(st, "GET", f"/v1/customers/{cus['id']}").json == cus
+    bare = sreq(st, "POST", "/v1/customers").json
+    assert (bare["email"], bare["name"], bare["description"], bare["metadata"]) == (None, None, None, {})
+    missing = sreq(st, "GET", "/v1/customers/cus_x")
+    assert missing.status == 404
+    assert missing.json["error"] == {"type": "invalid_request_error", "code": "resource_missing",
+                                     "doc_url": "https://stripe.com/docs/error-codes/resource-missing",
+                                     "message": "No such customer: 'cus_x'", "param": "id"}
+    bogus = sreq(st, "POST", "/v1/customers", [("phone", "1")])
+    assert bogus.status == 400 and bogus.json["error"]["code"] == "parameter_unknown"
+    assert bogus.json["error"]["param"] == "phone"
+    pm = attach(st, "pm_card_visa", cus["id"])
+    ctl(st, "/_fake/reset", {})
+    assert sreq(st, "GET", f"/v1/customers/{cus['id']}").status == 404
+    assert sreq(st, "GET", f"/v1/payment_methods/{pm}").status == 404
+
+
+def test_stripe_attach_mints_a_payment_method(st):
+    cus = new_customer(st)
+    r = sreq(st, "POST", "/v1/payment_methods/pm_card_visa/attach", [("customer", cus)])
+    assert r.status == 200, r.raw
+    pm = r.json
+    assert re.fullmatch(r"pm_[A-Za-z0-9]{24}", pm["id"]) and pm["id"] != "pm_card_visa"
+    assert (pm["object"], pm["type"], pm["customer"], pm["livemode"]) == ("payment_method", "card", cus, False)
+    assert (pm["card"]["brand"], pm["card"]["last4"]) == ("visa", "4242") and isinstance(pm["created"], int)
+    assert sreq(st, "GET", f"/v1/payment_methods/{pm['id']}").json == pm
+    again = attach(st, "pm_card_visa", cus)
+    assert again != pm["id"]  # every use of a test id is a new PaymentMethod
+    declined = sreq(st, "POST", "/v1/payment_methods/pm_card_chargeDeclined/attach", [("customer", cus)]).json
+    ev = json.loads(ctl(st, "/_fake/event", {"type": "payment_method.attached", "id": pm["id"]})["body"])
+    assert ev["data"]["object"] == pm
+    assert declined["card"]["last4"] == "0002" and declined["customer"] == cus
+    loose = sreq(st, "GET", "/v1/payment_methods/pm_card_mastercard")
+    assert loose.status == 200 and loose.json["id"].startswith("pm_") and loose.json["id"] != "pm_card_mastercard"
+    assert loose.json["customer"] is None and loose.json["card"]["brand"] == "mastercard"
+    unknown = sreq(st, "GET", "/v1/payment_methods/pm_nope")
+    assert unknown.status == 404 and unknown.json["error"]["code"] == "resource_missing"
+
+
+def test_stripe_attach_validation(st):
+    a, b = new_customer(st), new_customer(st)
+    r = sreq(st, "POST", "/v1/payment_methods/pm_card_visa/attach", [])
+    assert r.status == 400
+    e = r.json["error"]
+    assert (e["type"], e["code"], e["param"]) == ("invalid_request_error", "parameter_missing", "customer")
+    r = sreq(st, "POST", "/v1/payment_methods/pm_card_visa/attach", [("customer", "cus_x")])
+    assert r.status == 400
+    e = r.json["error"]
+    assert (e["type"], e["code"], e["param"]) == ("invalid_request_error", "resource_missing", "customer")
+    assert e["message"] == "No such customer: 'cus_x'"
+    r = sreq(st, "POST", "/v1/payment_methods/pm_nope/attach", [("customer", a)])
+    assert r.status == 404 and r.json["error"]["code"] == "resource_missing"
+    r = sreq(st, "POST", "/v1/payment_methods/pm_card_visa/attach", [("customer", a), ("bogus", "1")])
+    assert r.status == 400 and r.json["error"]["code"] == "parameter_unknown"
+    pm = attach(st, "pm_card_visa", a)
+    taken = sreq(st, "POST", f"/v1/payment_methods/{pm}/attach", [("customer", b)], idem="key-att")
+    assert taken.status == 400 and taken.json["error"]["type"] == "invalid_request_error"
+    assert taken.json["error"]["message"] == ("The payment method you provided has already been attached "
+                                              "to a customer.")
+    again = sreq(st, "POST", f"/v1/payment_methods/{pm}/attach", [("customer", b)], idem="key-att")
+    assert again.status == 400 and again.header("Idempotent-Replayed") == "true"
+    assert sreq(st, "GET", f"/v1/payment_methods/{pm}").json["customer"] == a
+    same = sreq(st, "POST", f"/v1/payment_methods/{pm}/attach", [("customer", a)])
+    assert same.status == 200 and same.json["id"] == pm and same.json["customer"] == a
+
+
+@pytest.mark.parametrize("test_pm,status,outcome", [
+    ("pm_card_visa", 200, "succeeded"),
+    ("pm_card_processing", 200, "processing"),
+    ("pm_card_chargeDeclined", 402, "generic_decline"),
+    ("pm_card_chargeDeclinedInsufficientFunds", 402, "insufficient_funds"),
+    ("pm_card_authenticationRequired", 402, "authentication_required"),
+])
+def test_stripe_saved_card_behaves_like_its_test_id(st, test_pm, status, outcome):
+    cus = new_customer(st)
+    pm = attach(st, test_pm, cus)
+    r = charge_saved(st, pm, cus)
+    assert r.status == status, r.raw
+    if status == 200:
+        pi = r.json
+        assert pi["status"] == outcome
+    else:
+        e = r.json["error"]
+        assert e["type"] == "card_error" and e["decline_code"] == outcome
+        assert e["payment_method"]["id"] == pm and e["payment_method"]["customer"] == cus
+        pi = e["payment_intent"]
+        assert pi["status"] == "requires_payment_method"
+        assert pi["last_payment_error"]["decline_code"] == outcome
+    assert pi["customer"] == cus
+    assert sreq(st, "GET", f"/v1/payment_intents/{pi['id']}").json["customer"] == cus
+    if pi["latest_charge"]:
+        assert sreq(st, "GET", f"/v1/charges/{pi['latest_charge']}").json["payment_method"] == pm
+
+
+def test_stripe_saved_card_without_customer_refused(st, stripe_server):
+    cus = new_customer(st)
+    pm = attach(st, "pm_card_visa", cus)
+    r = charge_saved(st, pm, idem="key-nocus")
+    assert r.status == 400
+    assert r.json["error"] == {"type": "invalid_request_error", "param": "customer",
+                               "message": "The provided PaymentMethod belongs to a Customer: pass the ID "
+                                          "of that Customer in the customer parameter."}
+    assert intents(stripe_server) == []
+    retry = charge_saved(st, pm, idem="key-nocus")  # nothing was stored under the key
+    assert retry.status == 400 and retry.header("Idempotent-Replayed") is None
+    unconfirmed = sreq(st, "POST", "/v1/payment_intents", PI + [("payment_method", pm)])
+    assert unconfirmed.status == 400 and unconfirmed.json["error"]["param"] == "customer"
+    assert intents(stripe_server) == []
+
+
+def test_stripe_saved_card_wrong_customer_refused(st, stripe_server):
+    owner, other = new_customer(st), new_customer(st)
+    pm = attach(st, "pm_card_visa", owner)
+    r = charge_saved(st, pm, other, idem="key-wrong")
+    assert r.status == 400
+    e = r.json["error"]
+    assert (e["type"], e["code"], e["param"]) == ("invalid_request_error", "resource_missing", "payment_method")
+    assert e["message"] == (f"The customer does not have a payment method with the ID {pm}. "
+                            "The payment method must be attached to the customer.")
+    assert intents(stripe_server) == []
+    ok = charge_saved(st, pm, owner, idem="key-wrong-2")
+    assert ok.status == 200 and ok.json["status"] == "succeeded" and ok.json["customer"] == owner
+
+
+@pytest.mark.parametrize("pm", ["saved", "pm_card_visa", None])
+def test_stripe_unknown_customer_refused(st, stripe_server, pm):
+    if pm == "saved":
+        pm = attach(st, "pm_card_visa", new_customer(st))
+    params = PI + [("customer", "cus_x")] + ([("payment_method", pm), ("confirm", "true")] if pm else [])
+    r = sreq(st, "POST", "/v1/payment_intents", params, idem="key-unk")
+    assert r.status == 400
+    assert r.json["error"] == {"type": "invalid_request_error", "code": "resource_missing",
+                               "doc_url": "https://stripe.com/docs/error-codes/resource-missing",
+                               "message": "No such customer: 'cus_x'", "param": "customer"}
+    assert intents(stripe_server) == []
+    fixed = sreq(st, "POST", "/v1/payment_intents", [x for x in params if x[0] != "customer"], idem="key-unk")
+    assert fixed.header("Idempotent-Replayed") is None  # the failure stored nothing
+    assert fixed.status == (400 if pm and not pm.startswith("pm_card_") else 200)
+
+
+def test_stripe_test_ids_unchanged_with_or_without_customer(st):
+    cus = new_customer(st)
+    for customer in (None, cus):
+        ok = charge_saved(st, "pm_card_visa", customer)
+        assert ok.status == 200 and ok.json["status"] == "succeeded" and ok.json["customer"] == customer
+        assert ok.json["payment_method"] == "pm_card_visa"
+        bad = charge_saved(st, "pm_card_chargeDeclined", customer)
+        assert bad.status == 402 and bad.json["error"]["decline_code"] == "generic_decline"
+        assert bad.json["error"]["payment_method"] == {"id": "pm_card_chargeDeclined", "object": "payment_method",
+                                                       "type": "card"}
+    attach(st, "pm_card_visa", cus)  # attaching a test id leaves the test id itself free
+    assert charge_saved(st, "pm_card_visa").status == 200
+
+
+def test_stripe_confirm_checks_the_intents_customer(st):
+    cus = new_customer(st)
+    pm = attach(st, "pm_card_chargeDeclinedInsufficientFunds", cus)
+    loose = sreq(st, "POST", "/v1/payment_intents", PI).json
+    r = sreq(st, "POST", f"/v1/payment_intents/{loose['id']}/confirm", [("payment_method", pm)])
+    assert r.status == 400 and r.json["error"]["param"] == "customer" and "code" not in r.json["error"]
+    got = sreq(st, "GET", f"/v1/payment_intents/{loose['id']}").json
+    assert got["status"] == "requires_payment_method" and got["payment_method"] is None
+    other = sreq(st, "POST", "/v1/payment_intents", PI + [("customer", new_customer(st))]).json
+    r = sreq(st, "POST", f"/v1/payment_intents/{other['id']}/confirm", [("payment_method", pm)])
+    assert r.status == 400 and r.json["error"]["code"] == "resource_missing"
+    assert r.json["error"]["param"] == "payment_method"
+    mine = sreq(st, "POST", "/v1/payment_intents", PI + [("customer", cus)]).json
+    r = sreq(st, "POST", f"/v1/payment_intents/{mine['id']}/confirm", [("payment_method", pm),
+                                                                        ("off_session", "true")])
+    assert r.status == 402 and r.json["error"]["decline_code"] == "insufficient_funds"
+    assert r.json["error"]["payment_intent"]["customer"] == cus
+
+
+def test_stripe_idempotent_replay_with_customer(st, stripe_server):
+    cus = new_customer(st)
+    pm = attach(st, "pm_card_visa", cus)
+    a = charge_saved(st, pm, cus, idem="key-cus")
+    b = charge_saved(st, pm, cus, idem="key-cus")
+    assert a.status == b.status == 200
+    assert a.json == b.json and a.json["customer"] == cus and a.json["payment_method"] == pm
+    assert a.header("Idempotent-Replayed") is None and b.header("Idempotent-Replayed") == "true"
+    assert intents(stripe_server) == [a.json["id"]]
+    c = charge_saved(st, pm, idem="key-cus")  # the same key without the customer: other parameters
+    assert c.status == 400 and c.json["error"]["type"] == "idempotency_error"
+
+
 def test_keep_alive_connection(st):
     host, port = st.replace("http://", "").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=5)
