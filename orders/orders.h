@@ -399,6 +399,13 @@ typedef struct order_store {
 /** Frees an array returned by order_store.order_list. */
 void order_list_free(order_t *orders, size_t n);
 
+/** A saved payment method to charge at once, off-session (Stripe only). */
+typedef struct order_saved_method {
+    const char *method;   /* pm_...: the payment method */
+    const char *customer; /* NULL or "": none; cus_...: the provider's customer it is saved
+                             to (Stripe refuses a saved method without it) */
+} order_saved_method;
+
 /**
  * A payment provider. Every function writes ctx->err on failure and returns its code.
  */
@@ -407,13 +414,14 @@ typedef struct order_payments {
     /**
      * Creates the payment for an order, keyed by the order id: calling it again for the
      * same order returns the same payment. Fills *out.
-     * payment_method (NULL or "" = none): a saved payment method to charge at once,
-     * off-session (Stripe only; others return ORDER_EINVAL). If the charge succeeded,
-     * paid->paid_at_us > 0 and *paid describes it; if it was declined, ORDER_EPRECONDITION
-     * with reason "PAYMENT_DECLINED" and metadata decline_code / provider_status. If it is
-     * still processing, ORDER_OK with paid->paid_at_us == 0 (a webhook will tell).
+     * saved (NULL = none): a saved payment method to charge at once, off-session (Stripe
+     * only; others return ORDER_EINVAL). If the charge succeeded, paid->paid_at_us > 0 and
+     * *paid describes it; if it was declined, or the provider refused the method itself
+     * (unknown, saved to another customer), ORDER_EPRECONDITION with reason
+     * "PAYMENT_DECLINED" and metadata decline_code / provider_status. If it is still
+     * processing, ORDER_OK with paid->paid_at_us == 0 (a webhook will tell).
      */
-    int (*create)(void *self, order_ctx *ctx, const order_t *o, const char *payment_method,
+    int (*create)(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
                   order_payment_action *out, order_payment_info *paid);
     /**
      * Asks the provider whether `reference` is a succeeded payment of this order (PayPal:
@@ -462,8 +470,9 @@ typedef struct order_place_cmd {
     const order_line_cmd *lines;
     size_t nlines;
     order_provider provider;
-    const char *payment_method; /* NULL or "" = none; a saved Stripe payment method to charge
-                                   at once (off-session) */
+    const char *payment_method;   /* NULL or "" = none; a saved Stripe payment method to
+                                     charge at once (off-session) */
+    const char *payment_customer; /* NULL or "" = none; the Stripe customer it is saved to */
 } order_place_cmd;
 
 /** Places an order (see the contract). On success *out and *action are filled. */
@@ -516,10 +525,12 @@ int order_product_get(order_service *svc, order_ctx *ctx, const char *product_id
  *   shipped yet (PENDING or PAID) is CANCELLED with it, since it is no longer paid; a
  *   shipped or delivered one keeps its status.
  * ORDER_EDUPLICATE when the event was already applied; ORDER_ENOTFOUND when it names no
- * order of ours (the webhook should still be acknowledged). *out may be NULL.
+ * order of ours (the webhook should still be acknowledged). *out may be NULL. On
+ * ORDER_OK, *changed (may be NULL) says whether the event changed the order (false: it
+ * was already reflected, or no longer applies).
  */
 int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
-                              order_t *out);
+                              order_t *out, bool *changed);
 
 /** An inventory reply (docs/events.md). */
 typedef struct order_stock_reply {

@@ -126,6 +126,12 @@ bool order_fingerprint(const order_place_cmd *cmd, const char *customer_id, char
         n = snprintf(buf + off, cap - off, "|pm=%s", cmd->payment_method);
         if (n < 0 || (size_t)n >= cap - off)
             return false;
+        off += (size_t)n;
+    }
+    if (cmd->payment_customer && *cmd->payment_customer) {
+        n = snprintf(buf + off, cap - off, "|cus=%s", cmd->payment_customer);
+        if (n < 0 || (size_t)n >= cap - off)
+            return false;
     }
     return true;
 }
@@ -185,6 +191,12 @@ static void validate_place(order_service *svc, order_ctx *ctx, const order_place
     else if (pml && cmd->provider != ORDER_PROVIDER_STRIPE)
         order_violate(e, "payment_method",
                       "saved payment methods are only supported with PAYMENT_PROVIDER_STRIPE");
+    size_t pcl = cmd->payment_customer ? strlen(cmd->payment_customer) : 0;
+    if (pcl > ORDER_PAYMENT_METHOD_MAX)
+        order_violate(e, "payment_customer", "must be at most %d characters",
+                      ORDER_PAYMENT_METHOD_MAX);
+    else if (pcl && !pml)
+        order_violate(e, "payment_customer", "is only used with payment_method");
     if (cmd->provider == ORDER_PROVIDER_UNSPECIFIED)
         order_violate(e, "payment_provider", "must be set");
     else if (!provider_of(svc, cmd->provider))
@@ -284,7 +296,8 @@ done:
 /* The reason a declined order keeps, and its prefix (a replay answers the same). */
 #define DECLINED_PREFIX "payment declined"
 
-static int fail_declined(order_ctx *ctx, const order_t *o)
+/* detail: what the provider said, when it just said it (NULL on a replay). */
+static int fail_declined(order_ctx *ctx, const order_t *o, const char *detail)
 {
     order_error *e = ctx->err;
     e->current_status = o->status;
@@ -295,6 +308,10 @@ static int fail_declined(order_ctx *ctx, const order_t *o)
     code = code && code[1] == ' ' ? code + 2 : "declined";
     if (!e->nmeta)
         order_error_meta(e, "decline_code", "%s", code);
+    if (detail && *detail)
+        return order_fail(e, ORDER_EPRECONDITION,
+                          "the payment was declined (%s); the order is %s: %s", code,
+                          order_status_enum_name(o->status), detail);
     return order_fail(e, ORDER_EPRECONDITION, "the payment was declined (%s); the order is %s",
                       code, order_status_enum_name(o->status));
 }
@@ -309,8 +326,8 @@ static void order_replace(order_t *o, order_t *next)
 
 /* Creates (or finds again) the payment of a freshly placed or replayed order and, with a
  * saved payment method, charges it at once: succeeded -> PAID, declined -> FAILED. */
-static int pay_for_order(order_service *svc, order_ctx *ctx, const char *payment_method, order_t *o,
-                         order_payment_action *action)
+static int pay_for_order(order_service *svc, order_ctx *ctx, const order_saved_method *saved,
+                         order_t *o, order_payment_action *action)
 {
     order_payments *pay = provider_of(svc, o->pay_provider);
     if (o->status != ORDER_STATUS_PENDING || !pay) {
@@ -318,11 +335,11 @@ static int pay_for_order(order_service *svc, order_ctx *ctx, const char *payment
         snprintf(action->reference, sizeof action->reference, "%s", o->pay_reference);
         if (o->status == ORDER_STATUS_FAILED &&
             strncmp(o->cancel_reason, DECLINED_PREFIX, strlen(DECLINED_PREFIX)) == 0)
-            return fail_declined(ctx, o);
+            return fail_declined(ctx, o, NULL);
         return ORDER_OK;
     }
     order_payment_info paid = {0};
-    int rc = pay->create(pay->self, ctx, o, payment_method, action, &paid);
+    int rc = pay->create(pay->self, ctx, o, saved, action, &paid);
     bool declined = rc == ORDER_EPRECONDITION && strcmp(ctx->err->reason, "PAYMENT_DECLINED") == 0;
     if (rc != ORDER_OK && !declined)
         return rc;
@@ -331,6 +348,7 @@ static int pay_for_order(order_service *svc, order_ctx *ctx, const char *payment
         saved_meta.nmeta = ctx->err->nmeta;
         memcpy(saved_meta.meta_key, ctx->err->meta_key, sizeof saved_meta.meta_key);
         memcpy(saved_meta.meta_value, ctx->err->meta_value, sizeof saved_meta.meta_value);
+        snprintf(saved_meta.message, sizeof saved_meta.message, "%s", ctx->err->message);
         order_error_reset(ctx->err);
     }
     order_t next = {0};
@@ -380,12 +398,21 @@ static int pay_for_order(order_service *svc, order_ctx *ctx, const char *payment
     if (rc != ORDER_OK)
         return rc;
     order_replace(o, &next);
+    if (declined && o->status == ORDER_STATUS_FAILED && o->pay_reference[0]) {
+        /* A declined intent stays open at the provider (Stripe: requires_payment_method);
+         * close it, so nothing pays for a FAILED order later. Best effort: a payment that
+         * lands anyway is refunded when it is reported (refund_late). */
+        if (pay->cancel(pay->self, ctx, o) != ORDER_OK)
+            notice(svc, "the declined payment could not be voided; it stays open at the provider",
+                   o, ctx->err);
+        order_error_reset(ctx->err);
+    }
     if (declined || o->status == ORDER_STATUS_FAILED) {
         ctx->err->nmeta = saved_meta.nmeta;
         memcpy(ctx->err->meta_key, saved_meta.meta_key, sizeof saved_meta.meta_key);
         memcpy(ctx->err->meta_value, saved_meta.meta_value, sizeof saved_meta.meta_value);
         if (o->status == ORDER_STATUS_FAILED)
-            return fail_declined(ctx, o);
+            return fail_declined(ctx, o, saved_meta.message);
     }
     return ORDER_OK;
 }
@@ -427,7 +454,7 @@ int order_place(order_service *svc, order_ctx *ctx, const order_place_cmd *cmd, 
     o.pay_status = ORDER_PAY_UNSPECIFIED;
 
     /* The fingerprint holds everything that decides the order; 100 lines fit easily. */
-    size_t fpcap = 64 + ORDER_CUSTOMER_MAX + ORDER_PAYMENT_METHOD_MAX +
+    size_t fpcap = 64 + ORDER_CUSTOMER_MAX + 2 * ORDER_PAYMENT_METHOD_MAX +
                    cmd->nlines * (ORDER_PRODUCT_ID_MAX + 16);
     char *fp = malloc(fpcap);
     if (!fp || !order_fingerprint(cmd, customer, fp, fpcap)) {
@@ -449,7 +476,8 @@ int order_place(order_service *svc, order_ctx *ctx, const order_place_cmd *cmd, 
 
     /* The order is committed. Create its payment (idempotent, keyed by the order), unless
      * it already moved on: a replay of a paid or cancelled order only reports it. */
-    rc = pay_for_order(svc, ctx, cmd->payment_method, &o, action);
+    order_saved_method saved = {cmd->payment_method, cmd->payment_customer};
+    rc = pay_for_order(svc, ctx, saved.method && *saved.method ? &saved : NULL, &o, action);
     if (rc != ORDER_OK)
         goto fail; /* the order stays PENDING (or FAILED on a decline); a retry completes it */
     *out = o;
@@ -1092,9 +1120,11 @@ static int event_refunded(order_service *svc, order_ctx *ctx, const order_paymen
 }
 
 int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
-                              order_t *out)
+                              order_t *out, bool *changed)
 {
     order_error *e = ctx->err;
+    if (changed)
+        *changed = false;
     if (!ev->id[0])
         return order_fail(e, ORDER_EINVAL, "the event has no id");
     if (ev->kind == ORDER_PAY_EVENT_IGNORED)
@@ -1170,6 +1200,14 @@ int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_pa
         break;
     }
     order_clear(&next);
+    if (rc == ORDER_OK && changed) {
+        /* The event's id is recorded with its effect, and only when it had one. */
+        bool applied = false;
+        if (svc->store.inbound_seen(svc->store.self, ctx, &in, &applied) == ORDER_OK)
+            *changed = applied;
+        else
+            order_error_reset(e); /* the effect is committed; only the count is unsure */
+    }
     if (rc == ORDER_OK && out)
         *out = o;
     else

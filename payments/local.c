@@ -48,12 +48,12 @@ static const char *status_name(order_pay_status s)
     return n ? n : "unknown";
 }
 
-static int lp_create(void *self, order_ctx *ctx, const order_t *o, const char *payment_method,
+static int lp_create(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
                      order_payment_action *out, order_payment_info *paid)
 {
     struct local *l = self;
     memset(paid, 0, sizeof *paid);
-    if (payment_method && *payment_method) {
+    if (saved) {
         order_violate(ctx->err, "payment_method",
                       "saved payment methods are only supported with PAYMENT_PROVIDER_STRIPE");
         return order_fail(ctx->err, ORDER_EINVAL, "invalid payment method");

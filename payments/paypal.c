@@ -331,14 +331,14 @@ static const char *link_href(const json_t *links, const char *rel)
     return NULL;
 }
 
-static int pp_create(void *self, order_ctx *ctx, const order_t *o, const char *payment_method,
+static int pp_create(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
                      order_payment_action *out, order_payment_info *paid)
 {
     struct paypal *p = self;
     memset(out, 0, sizeof *out);
     memset(paid, 0, sizeof *paid);
     out->provider = ORDER_PROVIDER_PAYPAL;
-    if (payment_method && *payment_method) {
+    if (saved) {
         order_fail(ctx->err, ORDER_EINVAL, "PayPal cannot charge a saved payment method");
         order_violate(ctx->err, "payment_method",
                       "saved payment methods are only supported with STRIPE");

@@ -214,14 +214,29 @@ static int declined(order_ctx *ctx, const char *pi_status, const json_t *err_obj
 
 /* ---- the port ---- */
 
-static int st_create(void *self, order_ctx *ctx, const order_t *o, const char *payment_method,
+/* Stripe refused the saved method itself (no such method, saved to a customer the request
+ * did not name, or to another one): to the caller, like a decline, since no retry of this
+ * request can succeed; metadata field names the request field to fix. */
+static int method_refused(order_ctx *ctx, const json_t *err_obj, const char *param)
+{
+    const char *code = pay__jstr(err_obj, "code"), *msg = pay__jstr(err_obj, "message");
+    pay__refuse(ctx, "PAYMENT_DECLINED", "stripe refused the saved payment method: %s",
+                msg ? msg : "no message");
+    order_error_meta(ctx->err, "decline_code", "%s", code ? code : "payment_method_refused");
+    order_error_meta(ctx->err, "provider_status", "refused");
+    order_error_meta(ctx->err, "field", "%s",
+                     strcmp(param, "customer") == 0 ? "payment_customer" : "payment_method");
+    return ORDER_EPRECONDITION;
+}
+
+static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
                      order_payment_action *out, order_payment_info *paid)
 {
     struct stripe *s = self;
     memset(out, 0, sizeof *out);
     memset(paid, 0, sizeof *paid);
     out->provider = ORDER_PROVIDER_STRIPE;
-    bool charge = payment_method && *payment_method;
+    bool charge = saved && saved->method && *saved->method;
 
     char cur[4], amount_s[24], key[64], description[64];
     int64_t amount;
@@ -244,7 +259,9 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const char *p
         /* Off-session: nobody is there to follow a redirect, and Stripe wants a return_url
          * for redirect-based methods unless they are ruled out. */
         pay__buf_form(&form, "automatic_payment_methods[allow_redirects]", "never");
-        pay__buf_form(&form, "payment_method", payment_method);
+        pay__buf_form(&form, "payment_method", saved->method);
+        if (saved->customer && *saved->customer)
+            pay__buf_form(&form, "customer", saved->customer);
         pay__buf_form(&form, "confirm", "true");
         pay__buf_form(&form, "off_session", "true");
         pay__buf_form(&form, "expand[]", "latest_charge");
@@ -290,6 +307,15 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const char *p
         pay__copy(out->reference, sizeof out->reference,
                   json_is_string(pi) ? json_string_value(pi) : pay__jstr(pi, "id"));
         rc = declined(ctx, pay__jstr(pi, "status"), e, "the card was declined");
+        goto done;
+    }
+    const char *param = pay__jstr(error_of(root), "param");
+    if (charge && (r.status == 400 || r.status == 404) && param &&
+        (strcmp(param, "payment_method") == 0 || strcmp(param, "customer") == 0)) {
+        log_kv(LOG_INFO, "stripe refused a saved payment method", LOG_F_STR, "order_id", o->id,
+               LOG_F_STR, "param", param, LOG_F_STR, "code", pay__jstr(error_of(root), "code"),
+               LOG_F_STR, "request_id", r.request_id[0] ? r.request_id : NULL, LOG_F_END);
+        rc = method_refused(ctx, error_of(root), param);
         goto done;
     }
     rc = fail(s, ctx, &r, root, "create a PaymentIntent");

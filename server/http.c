@@ -255,7 +255,8 @@ static enum MHD_Result webhook_apply(srv_http *h, struct MHD_Connection *c, http
     }
     order_t o;
     memset(&o, 0, sizeof o);
-    int rc = order_apply_payment_event(srv_bg_service(bg), ctx, ev, &o);
+    bool changed = false;
+    int rc = order_apply_payment_event(srv_bg_service(bg), ctx, ev, &o, &changed);
     if (o.id[0])
         snprintf(r->order_id, sizeof r->order_id, "%s", o.id);
     order_clear(&o);
@@ -263,8 +264,8 @@ static enum MHD_Result webhook_apply(srv_http *h, struct MHD_Connection *c, http
         snprintf(r->detail, sizeof r->detail, "%s: %s", order_code_name(rc), ctx->err->message);
 
     switch (rc) {
-    case ORDER_OK:
-        webhook_result(r, "applied");
+    case ORDER_OK: /* applied, or already reflected (ConfirmPayment got there first) */
+        webhook_result(r, changed ? "applied" : "ignored");
         break;
     case ORDER_EDUPLICATE:
         webhook_result(r, "duplicate");

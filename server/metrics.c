@@ -161,9 +161,10 @@ static void render_webhooks(metrics_buf *b)
 {
     /* Every combination, zeros included: an alert on rate(...{result="bad_signature"})
      * works before the first bad one. */
-    metrics_family(b, "orderd_webhooks_total", "counter",
-                   "Payment provider webhooks received, by provider and result (applied, "
-                   "duplicate, ignored, bad_signature, malformed, unavailable, error).");
+    metrics_family(
+        b, "orderd_webhooks_total", "counter",
+        "Payment provider webhooks received, by provider and result (applied: changed an order; "
+        "duplicate; ignored: changed nothing; bad_signature, malformed, unavailable, error).");
     for (size_t p = 0; p < NPROVIDERS; p++)
         for (size_t r = 0; r < NRESULTS; r++) {
             const char *labels[] = {"provider", wh_providers[p], "result", wh_results[r], NULL};

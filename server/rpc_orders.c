@@ -155,6 +155,7 @@ void srv_rpc_place_order(srv_call *c, const uint8_t *req, size_t len, srv_reply 
         .nlines = m->n_items,
         .provider = (order_provider)m->payment_provider,
         .payment_method = m->payment_method,
+        .payment_customer = m->payment_customer,
     };
     order_t o = {0};
     order_payment_action act;

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 import orderd_e2e as e2e
-from conftest import PAYPAL_CLIENT_ID, PAYPAL_SECRET
+from conftest import PAYPAL_CLIENT_ID, PAYPAL_SECRET, STRIPE_KEY
 from orderd_e2e import pb, expect_error, detail, violation_fields
 
 STRIPE = pb.PAYMENT_PROVIDER_STRIPE
@@ -45,10 +45,30 @@ def _product(orderd, price, currency="EUR"):
     return orderd.upsert(pid, "Provider test item", price, currency).product_id
 
 
-def _place(orderd, caller, pid, qty=1, provider=STRIPE, request_id=None, payment_method=""):
+def _place(orderd, caller, pid, qty=1, provider=STRIPE, request_id=None, payment_method="",
+           payment_customer=""):
     req = orderd.place_request([(pid, qty)], request_id=request_id, provider=provider)
     req.payment_method = payment_method
+    req.payment_customer = payment_customer
     return orderd.call("PlaceOrder", req, caller)
+
+
+def _stripe_api(orderd, path, form):
+    """A POST to the fake Stripe's public API, as the merchant's own code would make it
+    (to save a card for a customer): form-encoded, with the secret key."""
+    req = urllib.request.Request(orderd.stripe.base + path,
+                                 data=urllib.parse.urlencode(form).encode(), method="POST",
+                                 headers={"Authorization": "Bearer " + STRIPE_KEY})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _saved_card(orderd, test_pm="pm_card_visa"):
+    """A Stripe customer and a card saved to it: (cus_..., pm_...)."""
+    cus = _stripe_api(orderd, "/v1/customers", {"email": "e2e@example.com"})["id"]
+    pm = _stripe_api(orderd, "/v1/payment_methods/%s/attach" % test_pm, {"customer": cus})
+    assert pm["customer"] == cus and pm["id"] != test_pm
+    return cus, pm["id"]
 
 
 def _confirm(orderd, caller, order_id, reference, provider=STRIPE):
@@ -298,7 +318,10 @@ def test_stripe_saved_payment_method_declined(orderd, customer, pm, decline_code
     assert o.status == pb.ORDER_STATUS_FAILED, pb.OrderStatus.Name(o.status)
     assert o.payment.status == pb.PAYMENT_STATUS_FAILED, pb.PaymentStatus.Name(o.payment.status)
     assert o.payment.reference.startswith("pi_")
-    assert _obj(orderd.stripe, o.payment.reference)["status"] == "requires_payment_method"
+    # The declined intent is closed at Stripe: nobody can pay for the FAILED order later.
+    cancel_path = "/v1/payment_intents/%s/cancel" % o.payment.reference
+    assert _obj(orderd.stripe, o.payment.reference)["status"] == "canceled"
+    assert len([r for r in _requests(orderd.stripe, cancel_path) if r["method"] == "POST"]) == 1
     assert len(_pi_creates(orderd, o.order_id)) == 1
 
     # A replay answers the same, and charges nothing again.
@@ -308,8 +331,59 @@ def test_stripe_saved_payment_method_declined(orderd, customer, pm, decline_code
     assert reason2 == "PAYMENT_DECLINED"
     assert meta2.get("decline_code") == decline_code, meta2
     assert len(_pi_creates(orderd, o.order_id)) == 1
+    assert len([r for r in _requests(orderd.stripe, cancel_path) if r["method"] == "POST"]) == 1
     assert orderd.get(customer, o.order_id) == o
     assert len(orderd.list_all(customer)) == 1
+
+
+def test_stripe_card_saved_to_a_customer_pays_at_once(orderd, customer):
+    """The off-session case the field is for: a card saved to a Stripe customer is charged
+    with the customer named, as Stripe requires."""
+    cus, pm = _saved_card(orderd)
+    pid = _product(orderd, 1500)
+    r = _place(orderd, customer, pid, payment_method=pm, payment_customer=cus)
+    assert r.order.status == pb.ORDER_STATUS_PAID
+    assert r.order.payment.status == pb.PAYMENT_STATUS_SUCCEEDED
+    pi = _obj(orderd.stripe, r.payment.reference)
+    assert pi["status"] == "succeeded" and pi["customer"] == cus and pi["payment_method"] == pm
+    c = _pi_creates(orderd, r.order.order_id)
+    assert len(c) == 1 and c[0]["form"]["customer"] == cus
+
+
+@pytest.mark.parametrize("whose", ["nobody", "another"])
+def test_stripe_card_saved_to_a_customer_is_refused_without_that_customer(orderd, customer,
+                                                                          whose):
+    """Stripe refuses a saved card when the request does not name its customer: the caller
+    hears which field to fix, and the order is FAILED (its stock released), not left
+    PENDING until it expires."""
+    cus, pm = _saved_card(orderd)
+    other = _stripe_api(orderd, "/v1/customers", {"email": "other@example.com"})["id"]
+    pid = _product(orderd, 1500)
+    rid = e2e.unique("req")
+    named = "" if whose == "nobody" else other
+    err = expect_error(lambda: _place(orderd, customer, pid, request_id=rid, payment_method=pm,
+                                      payment_customer=named), PRECONDITION)
+    reason, meta = _meta(err)
+    assert reason == "PAYMENT_DECLINED", (reason, meta)
+    assert meta.get("field") == ("payment_customer" if whose == "nobody" else "payment_method")
+    assert "stripe refused the saved payment method" in err.details()
+    o = _only_order(orderd, customer)
+    assert o.status == pb.ORDER_STATUS_FAILED, pb.OrderStatus.Name(o.status)
+    assert o.payment.reference == ""  # Stripe created no intent
+
+    # The same request again answers the same; a new request naming the customer pays.
+    err2 = expect_error(lambda: _place(orderd, customer, pid, request_id=rid, payment_method=pm,
+                                       payment_customer=named), PRECONDITION)
+    assert _meta(err2)[0] == "PAYMENT_DECLINED"
+    r = _place(orderd, customer, pid, payment_method=pm, payment_customer=cus)
+    assert r.order.status == pb.ORDER_STATUS_PAID
+
+
+def test_payment_customer_needs_a_payment_method(orderd, customer):
+    pid = _product(orderd, 1000)
+    err = expect_error(lambda: _place(orderd, customer, pid, payment_customer="cus_x"), INVALID)
+    assert violation_fields(err) == ["payment_customer"]
+    assert orderd.list_all(customer) == []
 
 
 def test_stripe_saved_payment_method_still_processing(orderd, customer):

@@ -39,6 +39,14 @@ void fakeproc_stop(fakeproc *f);
 json_t *fake_call(const fakeproc *f, const char *method, const char *path, long *status,
                   const char *body_fmt, ...) __attribute__((format(printf, 5, 6)));
 
+/**
+ * POSTs a form (already encoded: "a=1&b=2") to the fake's provider API as a merchant's own
+ * code would, with "Authorization: Bearer <key>"; returns the parsed JSON answer (NULL if
+ * none) and the HTTP status in *status if not NULL.
+ */
+json_t *fake_api_post(const fakeproc *f, const char *key, const char *path, const char *form,
+                      long *status);
+
 /** POST /_fake/reset; asserts success. */
 void fake_reset(const fakeproc *f);
 /** POST /_fake/fail {"mode": mode, "count": count, "path": path (NULL = any)}. */

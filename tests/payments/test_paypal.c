@@ -114,7 +114,8 @@ static int create(order_payments *p, const order_t *o, const char *pm, order_pay
 {
     order_payment_info paid;
     order_ctx ctx = fake_ctx(e, 0);
-    return p->create(p->self, &ctx, o, pm, a, &paid);
+    order_saved_method saved = {pm, NULL};
+    return p->create(p->self, &ctx, o, pm ? &saved : NULL, a, &paid);
 }
 
 static void create_ok(order_t *o, const char *currency, int64_t total, order_payment_action *a)

@@ -100,11 +100,19 @@ static size_t count_reqs(const char *method, const char *path)
 
 /* ---- calls ---- */
 
+/* pm: NULL = no saved method; customer: the Stripe customer it is saved to, or NULL. */
+static int create_for(const order_t *o, const char *pm, const char *customer,
+                      order_payment_action *a, order_payment_info *paid, order_error *e)
+{
+    order_ctx ctx = fake_ctx(e, 0);
+    order_saved_method saved = {pm, customer};
+    return PAY->create(PAY->self, &ctx, o, pm ? &saved : NULL, a, paid);
+}
+
 static int create(const order_t *o, const char *pm, order_payment_action *a,
                   order_payment_info *paid, order_error *e)
 {
-    order_ctx ctx = fake_ctx(e, 0);
-    return PAY->create(PAY->self, &ctx, o, pm, a, paid);
+    return create_for(o, pm, NULL, a, paid, e);
 }
 
 static void create_ok(order_t *o, const char *currency, int64_t total, order_payment_action *a)
@@ -400,6 +408,68 @@ static void test_saved_card_declined(void **state)
                      ORDER_EPRECONDITION);
     assert_string_equal(e.reason, "PAYMENT_DECLINED");
     assert_string_equal(fake_meta(&e, "decline_code"), "authentication_required");
+}
+
+/* A card saved to a Stripe customer, as the merchant's code saves it: (cus, pm). */
+static void saved_card(char *cus, size_t cus_cap, char *pm, size_t pm_cap)
+{
+    long st = 0;
+    json_t *c = fake_api_post(&F, KEY, "/v1/customers", "email=c%40example.com", &st);
+    assert_int_equal(st, 200);
+    snprintf(cus, cus_cap, "%s", json_string_value(json_object_get(c, "id")));
+    json_decref(c);
+    char form[128];
+    snprintf(form, sizeof form, "customer=%s", cus);
+    json_t *p = fake_api_post(&F, KEY, "/v1/payment_methods/pm_card_visa/attach", form, &st);
+    assert_int_equal(st, 200);
+    snprintf(pm, pm_cap, "%s", json_string_value(json_object_get(p, "id")));
+    json_decref(p);
+    assert_true(strncmp(cus, "cus_", 4) == 0 && strncmp(pm, "pm_", 3) == 0);
+}
+
+static void test_saved_card_of_a_customer(void **state)
+{
+    char cus[64], pm[64];
+    saved_card(cus, sizeof cus, pm, sizeof pm);
+    order_t o;
+    order_payment_action a;
+    order_payment_info paid;
+    order_error e;
+    fake_order(&o, "EUR", 2599);
+    assert_int_equal(create_for(&o, pm, cus, &a, &paid, &e), ORDER_OK);
+    assert_true(paid.paid_at_us > 0);
+    json_t *r = last_req("POST", "/v1/payment_intents");
+    assert_string_equal(jpath(r, "form", "payment_method"), pm);
+    assert_string_equal(jpath(r, "form", "customer"), cus);
+    json_decref(r);
+}
+
+/* Stripe refusing the method itself (saved to a customer the request does not name, or
+ * to another): a decline to the caller, naming the field to fix; never retried. */
+static void test_saved_card_refused_without_its_customer(void **state)
+{
+    char cus[64], pm[64], other[64], unused[64];
+    saved_card(cus, sizeof cus, pm, sizeof pm);
+    saved_card(other, sizeof other, unused, sizeof unused);
+    order_t o;
+    order_payment_action a;
+    order_payment_info paid;
+    order_error e;
+    fake_order(&o, "EUR", 2599);
+    assert_int_equal(create_for(&o, pm, NULL, &a, &paid, &e), ORDER_EPRECONDITION);
+    assert_string_equal(e.reason, "PAYMENT_DECLINED");
+    assert_string_equal(fake_meta(&e, "field"), "payment_customer");
+    assert_string_equal(fake_meta(&e, "provider_status"), "refused");
+    assert_non_null(fake_meta(&e, "decline_code"));
+    assert_string_equal(a.reference, ""); /* Stripe created no intent */
+    assert_int_equal(paid.paid_at_us, 0);
+
+    fake_order(&o, "EUR", 2599);
+    assert_int_equal(create_for(&o, pm, other, &a, &paid, &e), ORDER_EPRECONDITION);
+    assert_string_equal(e.reason, "PAYMENT_DECLINED");
+    assert_string_equal(fake_meta(&e, "field"), "payment_method");
+    assert_string_equal(fake_meta(&e, "decline_code"), "resource_missing");
+    assert_int_equal(count_reqs("POST", "/v1/payment_intents"), 2); /* a 400: not retried */
 }
 
 static void test_saved_card_processing(void **state)
@@ -771,6 +841,8 @@ int main(void)
         cmocka_unit_test_setup(test_saved_card_that_succeeds, setup),
         cmocka_unit_test_setup(test_saved_card_declined, setup),
         cmocka_unit_test_setup(test_saved_card_processing, setup),
+        cmocka_unit_test_setup(test_saved_card_of_a_customer, setup),
+        cmocka_unit_test_setup(test_saved_card_refused_without_its_customer, setup),
         cmocka_unit_test_setup(test_verify_accepts_only_a_paid_intent_of_this_order, setup),
         cmocka_unit_test_setup(test_cancel, setup),
         cmocka_unit_test_setup(test_refund_once_however_often, setup),

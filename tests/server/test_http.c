@@ -201,8 +201,9 @@ int pay_paypal_webhook(order_payments *paypal, order_ctx *ctx, const char *webho
 
 static int apply_rc = ORDER_OK;
 static int apply_calls;
+static bool apply_changes = true;
 int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_payment_event *ev,
-                              order_t *out)
+                              order_t *out, bool *changed)
 {
     CHECK(svc != NULL);
     CHECK(ctx->deadline_mono_us > 0);
@@ -217,6 +218,8 @@ int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_pa
     if (apply_rc != ORDER_OK)
         snprintf(ctx->err->message, sizeof ctx->err->message, "fake says %d", apply_rc);
     ctx->err->code = apply_rc;
+    if (changed)
+        *changed = apply_rc == ORDER_OK && apply_changes;
     return apply_rc;
 }
 
@@ -806,13 +809,25 @@ static void test_stripe_domain_outcomes(void **state)
     }
     assert_int_equal(apply_calls, (int)(sizeof cases / sizeof *cases));
 
+    /* Applied, but it changed nothing (ConfirmPayment got there first): not "applied". */
+    apply_rc = ORDER_OK;
+    apply_changes = false;
+    long long applied = webhook_count("stripe", "applied"),
+              ignored = webhook_count("stripe", "ignored");
+    reply nochange;
+    stripe("t=1,v1=good", "{}", 2, &nochange);
+    apply_changes = true;
+    assert_int_equal(nochange.status, 200);
+    assert_int_equal(webhook_count("stripe", "applied"), applied);
+    assert_int_equal(webhook_count("stripe", "ignored"), ignored + 1);
+
     /* Events orderd does not act on are acknowledged without touching the domain. */
     apply_rc = ORDER_EINTERNAL;
     next_ev.kind = ORDER_PAY_EVENT_IGNORED;
     reply r;
     stripe("t=1,v1=good", "{}", 2, &r);
     assert_int_equal(r.status, 200);
-    assert_int_equal(apply_calls, (int)(sizeof cases / sizeof *cases));
+    assert_int_equal(apply_calls, (int)(sizeof cases / sizeof *cases) + 1);
 }
 
 static void test_body_limit(void **state)

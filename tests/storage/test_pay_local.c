@@ -114,7 +114,8 @@ static void test_create_is_keyed_by_order(void **state)
     order_error e;
     order_ctx ctx = pgt_ctx(&e, "payer", 0);
     order_payment_info paid;
-    assert_int_equal(PAY->create(PAY->self, &ctx, &o3, "pm_card_visa", &b, &paid), ORDER_EINVAL);
+    order_saved_method saved = {"pm_card_visa", NULL};
+    assert_int_equal(PAY->create(PAY->self, &ctx, &o3, &saved, &b, &paid), ORDER_EINVAL);
     assert_int_equal(e.nviolations, 1);
     assert_string_equal(e.violations[0].field, "payment_method");
     assert_int_equal(paid.paid_at_us, 0);

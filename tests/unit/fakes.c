@@ -691,7 +691,7 @@ static const char *ref_prefix(order_provider p)
 
 #define DECLINED_PM "pm_declined"
 
-static int fp_create(void *self, order_ctx *ctx, const order_t *o, const char *payment_method,
+static int fp_create(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
                      order_payment_action *out, order_payment_info *paid)
 {
     fake_payments *fp = self;
@@ -715,8 +715,10 @@ static int fp_create(void *self, order_ctx *ctx, const order_t *o, const char *p
     }
     out->provider = fp->provider;
     copy_str(out->reference, sizeof out->reference, p->reference);
-    if (!payment_method || !*payment_method)
+    if (!saved)
         return ORDER_OK;
+    const char *payment_method = saved->method;
+    copy_str(fp->last_customer, sizeof fp->last_customer, saved->customer ? saved->customer : "");
 
     /* A saved payment method, charged at once (off-session). */
     if (strncmp(payment_method, DECLINED_PM, strlen(DECLINED_PM)) == 0) {

@@ -160,9 +160,10 @@ typedef struct fake_payments {
     void (*hook)(void *arg);
     void *hook_arg;
     enum fake_pay_op hook_op;
-    int created;  /* payments really created (one per order, however often create runs) */
-    int refunded; /* payments really moved to REFUNDED */
-    int voided;   /* payments really moved to VOIDED */
+    int created;            /* payments really created (one per order, however often create runs) */
+    int refunded;           /* payments really moved to REFUNDED */
+    int voided;             /* payments really moved to VOIDED */
+    char last_customer[64]; /* the customer the last saved method was charged with ("" none) */
     int64_t now_us;
 } fake_payments;
 

@@ -69,7 +69,7 @@ static void place(fake_env *env, char *id_out)
     char rid[32];
     snprintf(rid, sizeof rid, "in-%d", ++seq);
     order_line_cmd line = {"apple", 2};
-    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_STRIPE, NULL};
+    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_STRIPE, NULL, NULL};
     order_t o = {0};
     order_payment_action a;
     bool replayed;
@@ -103,7 +103,7 @@ static order_payment_event event(fake_env *env, const char *evid, order_pay_even
 static int apply(fake_env *env, const order_payment_event *ev, order_t *out)
 {
     fake_env_again(env);
-    return order_apply_payment_event(&env->svc, &env->ctx, ev, out);
+    return order_apply_payment_event(&env->svc, &env->ctx, ev, out, NULL);
 }
 
 /* Applies a SUCCEEDED event: the order is PAID. */
@@ -175,6 +175,38 @@ static void test_succeeded_returns_the_paid_order(void **state)
 
 /* A found order that no longer waits for this event: a replay changes nothing and says
  * it is a duplicate (orders.h: ORDER_EDUPLICATE when the event was already applied). */
+/* The webhook's metrics tell an event that changed an order from one that found it
+ * already so (ConfirmPayment got there first), or no longer applicable. */
+static void test_changed_says_whether_the_event_did_anything(void **state)
+{
+    fake_env *env = *state;
+    char id[ORDER_ID_LEN + 1];
+    place(env, id);
+    bool changed = false;
+    order_payment_event ev = event(env, "evt_chg_1", ORDER_PAY_EVENT_SUCCEEDED, id);
+    fake_env_again(env);
+    assert_int_equal(order_apply_payment_event(&env->svc, &env->ctx, &ev, NULL, &changed),
+                     ORDER_OK);
+    assert_true(changed);
+
+    /* Another event saying the same of the PAID order: nothing to do. */
+    order_payment_event again = event(env, "evt_chg_2", ORDER_PAY_EVENT_SUCCEEDED, id);
+    fake_env_again(env);
+    changed = true;
+    assert_int_equal(order_apply_payment_event(&env->svc, &env->ctx, &again, NULL, &changed),
+                     ORDER_OK);
+    assert_false(changed);
+
+    /* A denial of a PAID order no longer applies. */
+    order_payment_event denied = event(env, "evt_chg_3", ORDER_PAY_EVENT_DENIED, id);
+    fake_env_again(env);
+    changed = true;
+    assert_int_equal(order_apply_payment_event(&env->svc, &env->ctx, &denied, NULL, &changed),
+                     ORDER_OK);
+    assert_false(changed);
+    assert_int_equal(stored(env, id)->status, ORDER_STATUS_PAID);
+}
+
 static void test_succeeded_replayed_is_a_duplicate(void **state)
 {
     fake_env *env = *state;
@@ -199,7 +231,7 @@ static void test_succeeded_records_the_reference_the_order_missed(void **state)
 {
     fake_env *env = *state;
     order_line_cmd line = {"apple", 1};
-    order_place_cmd cmd = {"in-missed-ref", "", &line, 1, ORDER_PROVIDER_STRIPE, "pm_ok"};
+    order_place_cmd cmd = {"in-missed-ref", "", &line, 1, ORDER_PROVIDER_STRIPE, "pm_ok", NULL};
     order_t o = {0};
     order_payment_action a;
     bool replayed;
@@ -236,7 +268,7 @@ static void redeliver_run(void *arg)
     order_ctx ctx = {.deadline_mono_us = INT64_MAX, .err = err};
     snprintf(ctx.caller.subject, sizeof ctx.caller.subject, "webhooks-2");
     ctx.caller.roles = ORDER_ROLE_SERVICE;
-    r->rc = order_apply_payment_event(&r->env->svc, &ctx, &r->ev, NULL);
+    r->rc = order_apply_payment_event(&r->env->svc, &ctx, &r->ev, NULL, NULL);
     free(err);
 }
 
@@ -726,6 +758,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         T(test_succeeded_pays_a_pending_order),
         T(test_succeeded_returns_the_paid_order),
+        T(test_changed_says_whether_the_event_did_anything),
         T(test_succeeded_replayed_is_a_duplicate),
         T(test_succeeded_records_the_reference_the_order_missed),
         T(test_succeeded_delivered_twice_at_once),

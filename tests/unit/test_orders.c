@@ -37,7 +37,7 @@ static void place_as(fake_env *env, const char *who, int32_t qty, char *id_out)
     char rid[32];
     snprintf(rid, sizeof rid, "req-%d", ++seq);
     order_line_cmd line = {"apple", qty};
-    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_LOCAL, NULL};
+    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_LOCAL, NULL, NULL};
     order_t o = {0};
     order_payment_action a;
     bool replayed;

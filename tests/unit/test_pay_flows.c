@@ -68,7 +68,7 @@ static void place_local(fake_env *env, char *id_out)
     char rid[32];
     snprintf(rid, sizeof rid, "flow-%d", ++seq);
     order_line_cmd line = {"apple", 1};
-    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_LOCAL, NULL};
+    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_LOCAL, NULL, NULL};
     order_t o = {0};
     order_payment_action a;
     bool replayed;
@@ -173,6 +173,8 @@ static void test_place_declined_fails_the_order(void **state)
     assert_int_equal(h->to, ORDER_STATUS_FAILED);
     assert_string_equal(h->reason, "payment declined: insufficient_funds");
     int64_t version = s->version;
+    /* The declined intent is closed at the provider, so nothing pays for it later. */
+    assert_int_equal(env->stripe->calls[FAKE_PAY_CANCEL], 1);
 
     /* A replay answers the same and charges nothing again. */
     int creates = env->stripe->calls[FAKE_PAY_CREATE];
@@ -190,6 +192,69 @@ static void test_place_declined_fails_the_order(void **state)
     assert_int_equal(fake_store_writes(env->store), writes + 1); /* the insert that replayed */
     assert_int_equal(env->store->norders, 1);
     assert_int_equal(env->store->orders[0].version, version);
+    assert_int_equal(env->stripe->calls[FAKE_PAY_CANCEL], 1);
+}
+
+/* Closing the declined intent is best effort: when the provider cannot be reached for
+ * it, the caller still hears the decline, with its code, and the order is FAILED. */
+static void test_place_declined_when_the_void_fails(void **state)
+{
+    fake_env *env = *state;
+    order_line_cmd line = {"apple", 1};
+    order_place_cmd cmd = stripe_cmd("pm-declined-2", &line, "pm_declined:lost_card");
+    env->stripe->fail[FAKE_PAY_CANCEL] = 1;
+    order_t o = {0};
+    order_payment_action a;
+    bool replayed;
+    assert_int_equal(order_place(&env->svc, &env->ctx, &cmd, &o, &a, &replayed),
+                     ORDER_EPRECONDITION);
+    assert_string_equal(env->err.reason, "PAYMENT_DECLINED");
+    assert_non_null(meta(&env->err, "decline_code"));
+    assert_string_equal(meta(&env->err, "decline_code"), "lost_card");
+    assert_int_equal(env->err.current_status, ORDER_STATUS_FAILED);
+    assert_int_equal(env->stripe->calls[FAKE_PAY_CANCEL], 1);
+    assert_int_equal(env->store->orders[0].status, ORDER_STATUS_FAILED);
+    assert_string_equal(env->store->orders[0].cancel_reason, "payment declined: lost_card");
+}
+
+/* A saved method goes to the provider with the customer it is saved to; the customer is
+ * part of what the request means, so reusing its key with another one is refused. */
+static void test_place_passes_the_customer_of_a_saved_method(void **state)
+{
+    fake_env *env = *state;
+    order_line_cmd line = {"apple", 1};
+    order_place_cmd cmd = stripe_cmd("pm-cus-1", &line, "pm_ok_saved");
+    cmd.payment_customer = "cus_Alice";
+    order_t o = {0};
+    order_payment_action a;
+    bool replayed;
+    assert_int_equal(order_place(&env->svc, &env->ctx, &cmd, &o, &a, &replayed), ORDER_OK);
+    assert_int_equal(o.status, ORDER_STATUS_PAID);
+    assert_string_equal(env->stripe->last_customer, "cus_Alice");
+    order_clear(&o);
+
+    fake_env_again(env);
+    cmd.payment_customer = "cus_Bob";
+    assert_int_equal(order_place(&env->svc, &env->ctx, &cmd, &o, &a, &replayed),
+                     ORDER_EIDEMPOTENCY);
+    assert_int_equal(env->stripe->calls[FAKE_PAY_CREATE], 1);
+    assert_int_equal(env->store->norders, 1);
+}
+
+static void test_place_customer_needs_a_payment_method(void **state)
+{
+    fake_env *env = *state;
+    order_line_cmd line = {"apple", 1};
+    order_place_cmd cmd = stripe_cmd("pm-cus-2", &line, "");
+    cmd.payment_customer = "cus_Alice";
+    order_t o = {0};
+    order_payment_action a;
+    bool replayed;
+    assert_int_equal(order_place(&env->svc, &env->ctx, &cmd, &o, &a, &replayed), ORDER_EINVAL);
+    assert_int_equal(env->err.nviolations, 1);
+    assert_string_equal(env->err.violations[0].field, "payment_customer");
+    assert_int_equal(env->store->norders, 0);
+    assert_int_equal(env->stripe->calls[FAKE_PAY_CREATE], 0);
 }
 
 static void test_place_while_the_charge_is_processing(void **state)
@@ -504,6 +569,9 @@ int main(void)
         T(test_place_declined_fails_the_order),
         T(test_place_while_the_charge_is_processing),
         T(test_place_payment_method_needs_stripe),
+        T(test_place_declined_when_the_void_fails),
+        T(test_place_passes_the_customer_of_a_saved_method),
+        T(test_place_customer_needs_a_payment_method),
         T(test_confirm_on_a_cancelled_order_refunds_the_payment),
         T(test_confirm_late_payment_refund_fails_now),
         T(test_race_confirm_and_cancel_every_interleaving),

@@ -67,7 +67,7 @@ static void place(fake_env *env, char *id_out)
     char rid[32];
     snprintf(rid, sizeof rid, "sw-%d", ++seq);
     order_line_cmd line = {"apple", 1};
-    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_LOCAL, NULL};
+    order_place_cmd cmd = {rid, "", &line, 1, ORDER_PROVIDER_LOCAL, NULL, NULL};
     order_t o = {0};
     order_payment_action a;
     bool replayed;
