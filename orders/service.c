@@ -1252,10 +1252,29 @@ int order_apply_stock_reply(order_service *svc, order_ctx *ctx, const order_stoc
         .inbound = &in,
     };
     rc = svc->store.order_transition(svc->store.self, ctx, &t, &o);
+    if (rc == ORDER_EPRECONDITION && o.status == ORDER_STATUS_PAID && o.stock_reserved_at_us == 0) {
+        /* Paid before the inventory answered, and there is no stock for it: the goods cannot
+         * ship, so the order is cancelled and the money goes back (stock.restore follows,
+         * which the inventory treats as a no-op for a rejected reservation). */
+        order_error_reset(e);
+        order_transition c = t;
+        c.from_set = ORDER_STATUS_BIT(ORDER_STATUS_PAID);
+        c.to = ORDER_STATUS_CANCELLED;
+        order_t paid = o;
+        memset(&o, 0, sizeof o);
+        rc = svc->store.order_transition(svc->store.self, ctx, &c, &o);
+        order_clear(&paid);
+        if (rc == ORDER_OK) {
+            notice(svc, "stock rejected for a paid order: cancelled, the payment is refunded", &o,
+                   NULL);
+            goto settle;
+        }
+    }
     if (rc == ORDER_EPRECONDITION) {
-        /* No longer PENDING: paid, cancelled or expired first. Nothing to undo here. */
-        if (o.status != ORDER_STATUS_FAILED)
-            notice(svc, "stock rejected for an order that is no longer pending", &o, NULL);
+        /* Cancelled, expired, failed or shipped first, or its stock was confirmed before:
+         * nothing to undo here. */
+        if (o.status != ORDER_STATUS_FAILED && o.status != ORDER_STATUS_CANCELLED)
+            notice(svc, "stock rejected for an order that can no longer change", &o, NULL);
         order_error_reset(e);
         order_clear(&o);
         return ORDER_OK;
@@ -1264,9 +1283,12 @@ int order_apply_stock_reply(order_service *svc, order_ctx *ctx, const order_stoc
         order_clear(&o);
         return rc;
     }
-    /* Committed: void the payment now; order_settle_due finishes it if the provider fails. */
+settle:
+    /* Committed: void (or refund) the payment now; order_settle_due finishes it if the
+     * provider fails. */
     if (settle_payment(svc, ctx, &o) != ORDER_OK) {
-        notice(svc, "voiding the payment of a failed order failed; it will be retried", &o, e);
+        notice(svc, "settling the payment of an order without stock failed; it will be retried", &o,
+               e);
         order_error_reset(e);
     }
     order_clear(&o);

@@ -711,13 +711,40 @@ def test_stock_rejected_fails_the_order_once(orderd, bus, customer):
     assert again.version == o.version and again.status == pb.ORDER_STATUS_FAILED
 
 
-def test_stock_rejected_after_payment_leaves_the_order_as_it_is(orderd, bus, customer):
+def test_stock_rejected_after_payment_cancels_and_refunds(orderd, bus, customer):
+    """Paid before the inventory answered, then no stock: the goods cannot ship, so the
+    order is cancelled with the reason and the money goes back."""
     r = orderd.place(customer, [(orderd.pid("widget"), 3)])
     oid = r.order.order_id
     paid = _confirm(orderd, customer, r)
     _wait_events(bus, oid, 2, 2, quiet=0)
-    before = metrics(orderd.http_base)
     _reply(bus, "stock.rejected", oid, "too late")
+
+    def cancelled():
+        o = orderd.get(customer, oid)
+        return o if (o.status, o.payment.status) == (pb.ORDER_STATUS_CANCELLED,
+                                                     pb.PAYMENT_STATUS_REFUNDED) else None
+    o = wait_until(cancelled, 20, "order CANCELLED and refunded after stock.rejected")
+    assert o.cancel_reason == "stock rejected: too late"
+    assert o.payment.status == pb.PAYMENT_STATUS_REFUNDED
+    assert o.payment.refund_id and o.payment.HasField("refunded_at")
+    assert o.version > paid.version
+    stock, orders = _wait_events(bus, oid, 3, 3, quiet=0.7)
+    assert keys(stock) == ["stock.reserve", "stock.commit", "stock.restore"], stock
+    assert keys(orders) == ["order.placed", "order.paid", "order.cancelled"], orders
+
+
+def test_stock_rejected_after_reserved_changes_nothing(orderd, bus, customer):
+    """A rejection contradicting a reservation already confirmed leaves the order alone."""
+    r = orderd.place(customer, [(orderd.pid("widget"), 1)])
+    oid = r.order.order_id
+    _wait_events(bus, oid, 1, 1, quiet=0)
+    _reply(bus, "stock.reserved", oid)
+    wait_until(lambda: orderd.get(customer, oid).HasField("stock_reserved_at"), 20,
+               "stock_reserved_at set")
+    paid = _confirm(orderd, customer, r)
+    before = metrics(orderd.http_base)
+    _reply(bus, "stock.rejected", oid, "miscounted")
     lab = {"result": "applied"}
     wait_until(lambda: metric(metrics(orderd.http_base), "orderd_inventory_replies_total",
                               lab) > metric(before, "orderd_inventory_replies_total", lab),

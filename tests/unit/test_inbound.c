@@ -729,25 +729,60 @@ static void test_stock_reply_malformed(void **state)
     assert_int_equal(reply(env, "msg-unknown-2", false, MISSING_ID, NULL), ORDER_ENOTFOUND);
 }
 
-static void test_stock_rejected_too_late(void **state)
+/* Paid before the inventory answered, then rejected: the goods cannot ship, so the order
+ * is cancelled and the money goes back. */
+static void test_stock_rejected_after_payment_cancels_and_refunds(void **state)
 {
     fake_env *env = *state;
     char id[ORDER_ID_LEN + 1];
     place(env, id);
+    fake_payments_mark_paid(env->stripe, id);
     pay_by_event(env, id, "evt_paid_before_stock");
+    int64_t version = stored(env, id)->version;
+
+    assert_int_equal(reply(env, "msg-rej-late", true, id, "out of apples"), ORDER_OK);
+    const order_t *s = stored(env, id);
+    assert_int_equal(s->status, ORDER_STATUS_CANCELLED);
+    assert_string_equal(s->cancel_reason, "stock rejected: out of apples");
+    assert_int_equal(s->pay_status, ORDER_PAY_REFUNDED);
+    assert_true(s->refund_id[0] != '\0');
+    assert_true(s->version > version);
+    assert_int_equal(env->stripe->refunded, 1);
+    const fake_history *h = fake_store_history_last(env->store, id);
+    assert_int_equal(h->from, ORDER_STATUS_PAID);
+    assert_int_equal(h->to, ORDER_STATUS_CANCELLED);
+    assert_string_equal(h->actor, "inventory");
+    assert_true(fake_store_seen(env->store, ORDER_INBOUND_INVENTORY, "msg-rej-late"));
+    assert_int_equal(notices, 1); /* the operator hears of it */
+
+    /* Redelivered: a duplicate; refunded once. */
+    assert_int_equal(reply(env, "msg-rej-late", true, id, "out of apples"), ORDER_EDUPLICATE);
+    assert_int_equal(env->stripe->refunded, 1);
+    assert_int_equal(env->stripe->calls[FAKE_PAY_REFUND], 1);
+}
+
+/* A rejection that contradicts a reservation already confirmed, or arrives after shipping,
+ * changes nothing: the operator hears of it. */
+static void test_stock_rejected_after_reserved_or_shipped_changes_nothing(void **state)
+{
+    fake_env *env = *state;
+    char id[ORDER_ID_LEN + 1];
+    place(env, id);
+    assert_int_equal(reply(env, "msg-res-ok", false, id, NULL), ORDER_OK);
+    pay_by_event(env, id, "evt_paid_after_stock");
     order_t before = {0};
     assert_int_equal(order_copy(&before, stored(env, id)), ORDER_OK);
     int provider_calls = total_provider_calls(env->stripe);
 
-    assert_int_equal(reply(env, "msg-rej-late", true, id, "out of apples"), ORDER_OK);
+    assert_int_equal(reply(env, "msg-rej-contra", true, id, "miscounted"), ORDER_OK);
     const order_t *s = stored(env, id);
     assert_int_equal(s->status, ORDER_STATUS_PAID);
     assert_int_equal(s->pay_status, ORDER_PAY_SUCCEEDED);
     assert_int_equal(s->version, before.version);
     assert_string_equal(s->cancel_reason, "");
     assert_int_equal(total_provider_calls(env->stripe), provider_calls);
-    assert_false(fake_store_seen(env->store, ORDER_INBOUND_INVENTORY, "msg-rej-late"));
-    assert_int_equal(notices, 1); /* the operator hears of a paid order without stock */
+    assert_false(fake_store_seen(env->store, ORDER_INBOUND_INVENTORY, "msg-rej-contra"));
+    assert_int_equal(notices, 1);
     order_clear(&before);
 }
 
@@ -780,7 +815,8 @@ int main(void)
         T(test_stock_rejected_void_fails_left_for_settle_due),
         T(test_stock_reserved_records_the_time),
         T(test_stock_reply_malformed),
-        T(test_stock_rejected_too_late),
+        T(test_stock_rejected_after_payment_cancels_and_refunds),
+        T(test_stock_rejected_after_reserved_or_shipped_changes_nothing),
     };
     return cmocka_run_group_tests_name("inbound", tests, NULL, NULL);
 }
