@@ -322,6 +322,7 @@ class FakeStripe(FakeServer):
         ("POST", r"/v1/payment_intents/([^/]+)/cancel", "cancel_pi"),
         ("POST", r"/v1/payment_intents/([^/]+)/capture", "capture_pi"),
         ("POST", r"/v1/refunds", "create_refund"),
+        ("GET", r"/v1/refunds", "list_refunds"),
         ("GET", r"/v1/refunds/([^/]+)", "get_refund"),
         ("GET", r"/v1/charges/([^/]+)", "get_charge"),
         ("POST", r"/v1/customers", "create_customer"),
@@ -662,6 +663,24 @@ class FakeStripe(FakeServer):
                "status": "succeeded", "transfer_reversal": None}
         self.objects[re_["id"]] = re_
         return copy.deepcopy(re_)
+
+    def list_refunds(self, p):
+        """GET /v1/refunds: newest first, filtered by payment_intent / charge, `limit`
+        (1..100, default 10); a list object like Stripe's (no pagination cursors)."""
+        self._check_params(p, {"payment_intent", "charge", "limit", "created", "ending_before",
+                               "starting_after", "expand"})
+        limit = 10
+        if p.get("limit") is not None:
+            limit = self._int(p, "limit")
+            if not 1 <= limit <= 100:
+                raise invalid("This value must be greater than or equal to 1 and less than or "
+                              "equal to 100.", param="limit")
+        rows = [o for o in self.objects.values() if o.get("object") == "refund"
+                and (not p.get("payment_intent") or o["payment_intent"] == p["payment_intent"])
+                and (not p.get("charge") or o["charge"] == p["charge"])]
+        rows.reverse()  # objects keep creation order: newest first, as Stripe lists
+        return {"object": "list", "data": copy.deepcopy(rows[:limit]),
+                "has_more": len(rows) > limit, "url": "/v1/refunds"}
 
     def get_refund(self, p, re_id):
         return copy.deepcopy(self._get(re_id, "re_", "refund", "id"))

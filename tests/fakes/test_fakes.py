@@ -263,6 +263,17 @@ def test_stripe_refunds(st):
     twice = sreq(st, "POST", "/v1/refunds", [("payment_intent", pi["id"])])
     assert twice.status == 400 and twice.json["error"]["code"] == "charge_already_refunded"
 
+    # Listing: newest first, by payment_intent, limited.
+    other = sreq(st, "POST", "/v1/payment_intents", PI).json
+    ctl(st, "/_fake/pay", {"id": other["id"]})
+    sreq(st, "POST", "/v1/refunds", [("payment_intent", other["id"])])
+    lst = sreq(st, "GET", "/v1/refunds?payment_intent=%s&limit=1" % pi["id"])
+    assert lst.status == 200 and lst.json["object"] == "list" and lst.json["has_more"] is True
+    assert [x["id"] for x in lst.json["data"]] == [rest.json["id"]]
+    both = sreq(st, "GET", "/v1/refunds?payment_intent=%s" % pi["id"]).json["data"]
+    assert [x["id"] for x in both] == [rest.json["id"], re_["id"]]
+    assert sreq(st, "GET", "/v1/refunds?limit=0").status == 400
+
 
 def test_stripe_failure_injection(st):
     ctl(st, "/_fake/fail", {"mode": "500", "count": 2, "path": "/v1/payment_intents", "method": "POST"})

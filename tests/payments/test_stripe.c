@@ -627,7 +627,11 @@ static void test_refund_once_however_often(void **state)
     order_t twin = o;
     fake_order(&twin, "EUR", 3000);
     memcpy(twin.pay_reference, o.pay_reference, sizeof twin.pay_reference);
-    assert_int_equal(refund(&twin, r2, &e), ORDER_OK);
+    char r3[ORDER_REFERENCE_MAX + 1];
+    assert_int_equal(refund(&twin, r3, &e), ORDER_OK);
+    /* ...and the order still learns the refund's id, by listing the intent's refunds. */
+    assert_string_equal(r3, r1);
+    assert_int_equal(count_reqs("GET", "/v1/refunds"), 1);
 }
 
 /* Refused while unpaid, then paid: Stripe keeps the refusal under the refund key, yet the
