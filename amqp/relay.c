@@ -296,8 +296,10 @@ static void publish_batch(struct amqp_relay *r, store_outbox_row *rows, size_t n
     for (size_t i = 0; i < n; i++)
         if (p[i].tag && p[i].state == P_ACK && !p[i].returned)
             ids[nsent++] = rows[i].id;
-    mark(r, ids, nsent, true, NULL);
+    /* Counted before the rows are marked: whoever sees them marked sees them counted (a
+     * row republished after a failed mark is counted again: it was published again). */
     atomic_fetch_add(&r->published, nsent);
+    mark(r, ids, nsent, true, NULL);
 
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
