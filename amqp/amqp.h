@@ -21,8 +21,16 @@ typedef struct amqp_settings {
     const char *user;
     const char *password; /* never logged */
     int heartbeat_s;      /* negotiated heartbeat; serviced even when idle */
-    int64_t timeout_us;   /* connect, login, every RPC, and a confirm wait */
+    int64_t timeout_us;   /* connect, TLS handshake, login, every RPC, and a confirm wait */
     int64_t backoff_max_us;
+
+    /* TLS (amqps). Zeroed settings mean plain TCP, and with tls a verified peer. */
+    bool tls;
+    const char *tls_ca_file;     /* PEM CA bundle; NULL or "" = the system's default store */
+    const char *tls_cert_file;   /* client certificate chain (PEM), for brokers that ask; */
+    const char *tls_key_file;    /* ...and its key (PEM, unencrypted): both or neither */
+    bool tls_skip_verify;        /* development only: neither the chain nor the name checked */
+    const char *tls_server_name; /* the name the certificate must carry; NULL or "" = host */
 
     const char *exchange;    /* durable topic exchange, declared at start */
     bool declare_queues;     /* false: the consuming side owns its queues */
@@ -45,7 +53,7 @@ typedef struct amqp_settings {
 
 /** Counters and gauges of the relay, for /metrics. */
 typedef struct amqp_relay_stats {
-    uint64_t published;  /* rows acked by the broker and marked sent */
+    uint64_t published;  /* publishes acked by the broker (rows then marked sent) */
     uint64_t nacked;     /* basic.nack */
     uint64_t unroutable; /* basic.return (mandatory) */
     uint64_t timeouts;   /* no confirm in time */

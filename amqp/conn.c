@@ -4,12 +4,18 @@
 #define _GNU_SOURCE /* pipe2 */
 #include "amqp/conn.h"
 
+#include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +26,8 @@
 #include "common/log.h"
 
 #define BACKOFF_MIN_US (100 * 1000LL)
+
+static bool tls_library(void);
 
 static struct timeval tv_of(int64_t us)
 {
@@ -66,6 +74,8 @@ int mq__init(mq_conn *c, const amqp_settings *s, const char *role)
         return -1;
     c->wake_rd = p[0];
     c->wake_wr = p[1];
+    if (s->tls)
+        (void)tls_library(); /* once, on the starting thread; mq__connect reports a failure */
     return 0;
 }
 
@@ -123,6 +133,227 @@ void mq__sleep(mq_conn *c, int64_t us)
     }
 }
 
+/* ---- TLS ---- */
+
+/*
+ * OpenSSL is set up once per process, before the first TLS socket, whichever thread gets
+ * there first (pthread_once): mq__init calls it on the thread that starts a relay or the
+ * consumer, mq__connect again on the owner's thread (a no-op then). OpenSSL 3 initializes
+ * itself thread-safely; it is shared in this process with libpq, libcurl and the Redis
+ * tunnel (cache/tls.c), so it is initialized here, explicitly and once, with
+ * OPENSSL_init_ssl, and rabbitmq-c is told not to do it again
+ * (amqp_set_initialize_ssl_library(0), before its first socket): its own set-up installs
+ * OpenSSL 1.0-style locking callbacks that 3.x ignores. amqp_uninitialize_ssl_library is
+ * never called: it would tear down state the other users share. rabbitmq-c still sets up
+ * its BIO method once, under its own mutex, at the first amqp_ssl_socket_new. Each
+ * connection has its own SSL_CTX (rabbitmq-c makes one per socket), used by one thread.
+ */
+static pthread_once_t tls_once = PTHREAD_ONCE_INIT;
+static bool tls_ok;
+
+static void tls_init_once(void)
+{
+    tls_ok = OPENSSL_init_ssl(OPENSSL_INIT_LOAD_SSL_STRINGS | OPENSSL_INIT_LOAD_CRYPTO_STRINGS,
+                              NULL) == 1;
+    amqp_set_initialize_ssl_library(0);
+}
+
+static bool tls_library(void)
+{
+    pthread_once(&tls_once, tls_init_once);
+    return tls_ok;
+}
+
+/*
+ * What the handshake on this thread went through, for its error message. The callbacks
+ * below run inside amqp_socket_open_noblock on the thread that called it, and each
+ * connection belongs to one thread, so a thread-local is enough.
+ */
+static _Thread_local struct {
+    bool started;     /* TCP was up and the TLS handshake began */
+    char verify[200]; /* the first certificate verification failure */
+} tls_diag;
+
+static void tls_info_cb(const SSL *ssl, int where, int ret)
+{
+    if (where & SSL_CB_HANDSHAKE_START)
+        tls_diag.started = true;
+}
+
+static int tls_verify_cb(int ok, X509_STORE_CTX *x)
+{
+    if (!ok && !tls_diag.verify[0]) {
+        char subject[120] = "";
+        X509 *cert = X509_STORE_CTX_get_current_cert(x);
+        if (cert)
+            X509_NAME_oneline(X509_get_subject_name(cert), subject, sizeof subject);
+        snprintf(tls_diag.verify, sizeof tls_diag.verify, "%s (depth %d%s%s)",
+                 X509_verify_cert_error_string(X509_STORE_CTX_get_error(x)),
+                 X509_STORE_CTX_get_error_depth(x), subject[0] ? ", subject " : "", subject);
+    }
+    return ok;
+}
+
+/* A key file that turns out to be encrypted fails to load instead of prompting for a
+ * passphrase on a terminal, which is what OpenSSL's default callback would do. */
+static int tls_no_passphrase(char *buf, int size, int rwflag, void *u)
+{
+    return 0;
+}
+
+/* The oldest error in this thread's OpenSSL queue (the cause; the rest is what followed
+ * from it), as its reason text, into dst; the queue is emptied. "" if none. */
+static const char *ssl_error(char *dst, size_t cap)
+{
+    unsigned long first = ERR_get_error(), e;
+    while ((e = ERR_get_error()) != 0)
+        ;
+    dst[0] = '\0';
+    if (first) {
+        const char *reason = ERR_reason_error_string(first);
+        if (reason)
+            snprintf(dst, cap, "%s", reason);
+        else
+            ERR_error_string_n(first, dst, cap);
+    }
+    return dst;
+}
+
+static bool is_ip_literal(const char *name)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+    return inet_pton(AF_INET, name, buf) == 1 || inet_pton(AF_INET6, name, buf) == 1;
+}
+
+/* Whether `path` can be opened for reading; else the reason, in c->error. */
+static bool readable(mq_conn *c, const char *setting, const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(c->error, sizeof c->error, "tls: %s %s: %s", setting, path, strerror(errno));
+        return false;
+    }
+    close(fd);
+    return true;
+}
+
+/* The TLS socket of c->st, configured from the settings; NULL with c->error set. */
+static amqp_socket_t *tls_socket(mq_conn *c)
+{
+    const amqp_settings *s = c->s;
+    char why[160];
+    bool has_cert = s->tls_cert_file && *s->tls_cert_file;
+    bool has_key = s->tls_key_file && *s->tls_key_file;
+    if (!tls_library()) {
+        snprintf(c->error, sizeof c->error, "tls: OpenSSL could not be initialized: %s",
+                 ssl_error(why, sizeof why));
+        return NULL;
+    }
+    if (has_cert != has_key) {
+        snprintf(c->error, sizeof c->error,
+                 "tls: a client certificate needs both amqp.tls_cert_file and amqp.tls_key_file");
+        return NULL;
+    }
+    ERR_clear_error();
+    amqp_socket_t *sock = amqp_ssl_socket_new(c->st);
+    if (!sock) {
+        snprintf(c->error, sizeof c->error, "tls: cannot create a TLS socket: %s",
+                 ssl_error(why, sizeof why));
+        return NULL;
+    }
+    SSL_CTX *ctx = amqp_ssl_socket_get_context(sock);
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_default_passwd_cb(ctx, tls_no_passphrase);
+    SSL_CTX_set_info_callback(ctx, tls_info_cb);
+
+    if (s->tls_ca_file && *s->tls_ca_file) {
+        if (!readable(c, "amqp.tls_ca_file", s->tls_ca_file))
+            return NULL;
+        if (amqp_ssl_socket_set_cacert(sock, s->tls_ca_file) != AMQP_STATUS_OK) {
+            snprintf(c->error, sizeof c->error, "tls: amqp.tls_ca_file %s: no CA loaded: %s",
+                     s->tls_ca_file, ssl_error(why, sizeof why));
+            return NULL;
+        }
+    } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
+        snprintf(c->error, sizeof c->error, "tls: the system's CA store: %s",
+                 ssl_error(why, sizeof why));
+        return NULL;
+    }
+    if (has_cert) {
+        if (!readable(c, "amqp.tls_cert_file", s->tls_cert_file) ||
+            !readable(c, "amqp.tls_key_file", s->tls_key_file))
+            return NULL;
+        /* Paths only: the key's contents never reach a log line. */
+        if (amqp_ssl_socket_set_key(sock, s->tls_cert_file, s->tls_key_file) != AMQP_STATUS_OK ||
+            SSL_CTX_check_private_key(ctx) != 1) {
+            snprintf(c->error, sizeof c->error,
+                     "tls: client certificate %s with key %s cannot be used: %s", s->tls_cert_file,
+                     s->tls_key_file, ssl_error(why, sizeof why));
+            return NULL;
+        }
+    }
+
+    /* rabbitmq-c 0.11's own host-name check compares the host connected to with the
+     * certificate's DNS names only (no IP addresses, no other name): OpenSSL checks the
+     * name instead, during the handshake, from the SSL_CTX's parameters that every SSL
+     * made from it inherits. rabbitmq-c's peer check (the verification result, after the
+     * handshake) stays on as a second look. */
+    amqp_ssl_socket_set_verify_hostname(sock, 0);
+    if (s->tls_skip_verify) {
+        amqp_ssl_socket_set_verify_peer(sock, 0);
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+        return sock;
+    }
+    amqp_ssl_socket_set_verify_peer(sock, 1);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, tls_verify_cb);
+    const char *name = s->tls_server_name && *s->tls_server_name ? s->tls_server_name : s->host;
+    X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx);
+    X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+    int ok = is_ip_literal(name) ? X509_VERIFY_PARAM_set1_ip_asc(param, name)
+                                 : X509_VERIFY_PARAM_set1_host(param, name, 0);
+    if (ok != 1) {
+        snprintf(c->error, sizeof c->error, "tls: cannot verify the name \"%s\": %s", name,
+                 ssl_error(why, sizeof why));
+        return NULL;
+    }
+    return sock;
+}
+
+/* c->error for a failed amqp_socket_open_noblock on a TLS socket. */
+static void tls_open_failed(mq_conn *c, int rc)
+{
+    const amqp_settings *s = c->s;
+    char why[200];
+    if (!tls_diag.started) {
+        /* TCP itself failed (refused, unreachable, timed out): no TLS was spoken. */
+        ERR_clear_error();
+        snprintf(c->error, sizeof c->error, "connect to %s:%d: %s", s->host, s->port,
+                 amqp_error_string2(rc));
+        return;
+    }
+    if (tls_diag.verify[0]) {
+        const char *name = s->tls_server_name && *s->tls_server_name ? s->tls_server_name : s->host;
+        ERR_clear_error();
+        snprintf(c->error, sizeof c->error,
+                 "tls handshake with %s:%d failed: certificate verify failed: %.120s; "
+                 "verified name %s",
+                 s->host, s->port, tls_diag.verify, name);
+        return;
+    }
+    if (rc == AMQP_STATUS_TIMEOUT) {
+        ERR_clear_error();
+        snprintf(c->error, sizeof c->error,
+                 "tls handshake with %s:%d failed: timed out (no TLS answer within the "
+                 "timeout)",
+                 s->host, s->port);
+        return;
+    }
+    ssl_error(why, sizeof why);
+    snprintf(c->error, sizeof c->error, "tls handshake with %s:%d failed: %s", s->host, s->port,
+             why[0] ? why : amqp_error_string2(rc));
+}
+
 /* ---- connecting ---- */
 
 static void reply_text(char *dst, size_t cap, amqp_rpc_reply_t r)
@@ -163,20 +394,32 @@ int mq__connect(mq_conn *c)
         snprintf(c->error, sizeof c->error, "out of memory");
         return -1;
     }
-    amqp_socket_t *sock = amqp_tcp_socket_new(c->st);
+    amqp_socket_t *sock = s->tls ? tls_socket(c) : amqp_tcp_socket_new(c->st);
     if (!sock) {
-        snprintf(c->error, sizeof c->error, "cannot create a socket");
+        if (!s->tls)
+            snprintf(c->error, sizeof c->error, "cannot create a socket");
         goto fail;
     }
     struct timeval tv = tv_of(s->timeout_us);
+    /* With TLS this is the TCP connect and the handshake, both under this one deadline:
+     * rabbitmq-c 0.11 polls its non-blocking socket for whatever SSL_connect waits for
+     * (tests/amqp/test_tls.c holds it to that against a peer that never answers). */
+    if (s->tls) {
+        memset(&tls_diag, 0, sizeof tls_diag);
+        ERR_clear_error();
+    }
     int rc = amqp_socket_open_noblock(sock, s->host, s->port, &tv);
     if (rc != AMQP_STATUS_OK) {
-        snprintf(c->error, sizeof c->error, "connect to %s:%d: %s", s->host, s->port,
-                 amqp_error_string2(rc));
+        if (s->tls)
+            tls_open_failed(c, rc);
+        else
+            snprintf(c->error, sizeof c->error, "connect to %s:%d: %s", s->host, s->port,
+                     amqp_error_string2(rc));
         goto fail;
     }
     /* Bounds writes (amqp_basic_publish, heartbeats): the kernel fails the connection when
-     * what was sent stays unacknowledged this long, instead of blocking for ~15 minutes. */
+     * what was sent stays unacknowledged this long, instead of blocking for ~15 minutes.
+     * The same file descriptor carries the TLS records. */
     int fd = amqp_socket_get_sockfd(sock);
     unsigned int uto = (unsigned int)(s->timeout_us / 1000);
     if (fd >= 0 && uto > 0)
@@ -188,9 +431,17 @@ int mq__connect(mq_conn *c)
                    s->heartbeat_s > 0 ? s->heartbeat_s : 0, AMQP_SASL_METHOD_PLAIN,
                    s->user ? s->user : "", s->password ? s->password : "");
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
-        char t[200];
+        char t[200], why[120] = "";
         reply_text(t, sizeof t, r);
+        /* Under TLS 1.3 a broker that refuses the client certificate says so after the
+         * client's side of the handshake is done: it surfaces here, as an alert. */
+        if (s->tls)
+            ssl_error(why, sizeof why);
         snprintf(c->error, sizeof c->error, "login to %s:%d: %s", s->host, s->port, t);
+        if (why[0]) {
+            size_t n = strlen(c->error);
+            snprintf(c->error + n, sizeof c->error - n, ": tls: %s", why);
+        }
         goto fail;
     }
     c->ch = 1;
@@ -220,8 +471,11 @@ bool mq__up(mq_conn *c)
                (int64_t)c->failures, LOG_F_END);
     } else if (!again) {
         log_kv(LOG_INFO, "rabbitmq connected", LOG_F_STR, "role", c->role, LOG_F_STR, "host",
-               s->host, LOG_F_INT, "port", (int64_t)s->port, LOG_F_INT, "heartbeat_s",
-               (int64_t)amqp_get_heartbeat(c->st), LOG_F_END);
+               s->host, LOG_F_INT, "port", (int64_t)s->port, LOG_F_STR, "tls",
+               !s->tls              ? "off"
+               : s->tls_skip_verify ? "on, peer NOT verified"
+                                    : "on, verified",
+               LOG_F_INT, "heartbeat_s", (int64_t)amqp_get_heartbeat(c->st), LOG_F_END);
     }
     c->outage = false;
     c->failures = 0;
@@ -277,7 +531,9 @@ void mq__drop(mq_conn *c)
 {
     if (!c->st)
         return;
-    amqp_destroy_connection(c->st); /* closes the socket; sends nothing */
+    /* Closes the socket. Sends nothing over TCP; over TLS a close_notify alert, on the
+     * non-blocking socket, so it cannot wait either. */
+    amqp_destroy_connection(c->st);
     c->st = NULL;
 }
 

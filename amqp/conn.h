@@ -14,6 +14,18 @@
  * it sends a heartbeat when one is due and gives up on a broker silent for two heartbeat
  * intervals. Reading a message's content (after basic.deliver or basic.return) is done
  * frame by frame here rather than with amqp_read_message, which waits without a limit.
+ *
+ * TLS (settings.tls) swaps the TCP socket for rabbitmq-c's OpenSSL one and keeps every
+ * bound above: rabbitmq-c 0.11 runs the TCP connect and the TLS handshake on a
+ * non-blocking socket under poll() against one deadline (amqp_socket_open_noblock's
+ * timeout), so a peer that takes the connection and never answers the ClientHello costs
+ * one timeout; afterwards the socket stays non-blocking, TCP_USER_TIMEOUT is set on it as
+ * on a plain one, and frame waits keep their deadlines. The peer is verified by OpenSSL
+ * during the handshake (chain, then the server name or IP address), configured through
+ * the socket's SSL_CTX: rabbitmq-c 0.11's own host-name check matches DNS names against
+ * the host connected to only, so it could check neither an IP address nor
+ * tls_server_name. The CA, certificate and key files are read again at every connection
+ * attempt, so replaced files take effect at the next reconnection.
  */
 #ifndef ORDERD_AMQP_CONN_H
 #define ORDERD_AMQP_CONN_H
@@ -66,8 +78,10 @@ void mq__drain_wake(mq_conn *c);
 void mq__sleep(mq_conn *c, int64_t us);
 
 /**
- * Opens the socket, logs in and opens channel 1, all bounded by the timeout. 0 on success;
- * -1 with c->error set (the connection is dropped).
+ * Opens the socket (and the TLS session, with settings.tls), logs in and opens channel 1,
+ * each step bounded by the timeout. 0 on success; -1 with c->error set (the connection is
+ * dropped). TLS failures read "tls handshake with HOST:PORT failed: ..." with OpenSSL's
+ * reason (a certificate verification failure names what failed and for which subject).
  */
 int mq__connect(mq_conn *c);
 /** The connection and its topology are ready: ends an outage (one info line), resets the

@@ -8,6 +8,9 @@
 #   scripts/stack.sh status [pg|redis|rabbitmq ...]   exit 0 when all named are running
 #   scripts/stack.sh env                              export lines for a shell: eval
 #
+# RabbitMQ also listens for AMQP over TLS (amqps) on 127.0.0.1:55671 (STACK_AMQPS_PORT),
+# with a throwaway CA and certificates made once in .local/stack/rabbitmq/tls/.
+#
 # Every server is started in a session of its own (setsid), so a Ctrl-C in the terminal
 # does not reach it; stop (or the scripts that called start) stops it explicitly. Stop
 # finds the servers by their pid files and node name only, never by process name.
@@ -23,6 +26,10 @@ set -euo pipefail
 
 STACK_DIR="$ORDERD_LOCAL/stack"
 RMQ_DIR="$STACK_DIR/rabbitmq"
+RMQ_TLS_DIR="$RMQ_DIR/tls"
+# amqps (AMQP over TLS), beside STACK_AMQP_PORT; the other scripts learn it (and the TLS
+# directory) from `stack.sh env`.
+STACK_AMQPS_PORT=55671
 REDIS_DIR="$STACK_DIR/redis"
 RMQ_SBIN=/usr/lib/rabbitmq/bin # not /usr/sbin: Debian's wrappers switch to the rabbitmq user
 START_TIMEOUT=60
@@ -380,23 +387,128 @@ pika.BlockingConnection(p).close()
 EOF
 }
 
+# rmq_tls_ensure: the files of the TLS listener and of the TLS tests, made once with the
+# openssl CLI and then kept (remade only when one is missing or expires within a day):
+#   ca.crt, ca.key                  a throwaway CA
+#   server.crt, server.key          CN=localhost, subjectAltName DNS:localhost,IP:127.0.0.1
+#   client.crt, client.key          a client certificate signed by the same CA
+#   other-ca.crt, other-client.*    an unrelated CA and a client certificate of its own:
+#                                   what orderd and the broker must each refuse
+# The directory is mode 700 and every file 600: only the user running the stack reads
+# them (RabbitMQ runs as that user here, root under CI, and so do the tests). Made in a
+# sibling directory and renamed, so an interrupted run never leaves half a set behind.
+rmq_tls_ensure() {
+  local d="$RMQ_TLS_DIR" f complete=1
+  for f in ca.crt ca.key server.crt server.key client.crt client.key other-ca.crt \
+    other-client.crt other-client.key; do
+    [ -s "$d/$f" ] || complete=0
+  done
+  if [ "$complete" = 1 ]; then
+    for f in ca.crt server.crt client.crt other-ca.crt other-client.crt; do
+      openssl x509 -checkend 86400 -noout -in "$d/$f" >/dev/null 2>&1 || complete=0
+    done
+  fi
+  if [ "$complete" = 1 ]; then
+    chmod 700 "$d"
+    chmod 600 "$d"/*
+    return 0
+  fi
+  command -v openssl >/dev/null || die "rabbitmq: openssl not found (run scripts/deps.sh)"
+  local tmp="$d.new"
+  rm -rf "$tmp"
+  (umask 077 && mkdir "$tmp")
+  if ! (cd "$tmp" && umask 077 && rmq_tls_make) >"$RMQ_DIR/tls-gen.log" 2>&1; then
+    tail_log "$RMQ_DIR/tls-gen.log"
+    rm -rf "$tmp"
+    die "rabbitmq: could not make the TLS certificates"
+  fi
+  rm -rf "$d"
+  mv "$tmp" "$d"
+  rm -f "$RMQ_DIR/tls-gen.log"
+  log "rabbitmq: made a throwaway CA and certificates in $d"
+}
+
+# rmq_tls_make: the certificates, in the current directory (rmq_tls_ensure's subshell).
+# Every step is checked: errexit does not apply inside an `if` condition.
+rmq_tls_make() {
+  local ca
+  case "$PWD" in */tls.new) ;; *) return 1 ;; esac # it cleans up with globs below
+  printf '%s\n' \
+    '[ca]' \
+    'basicConstraints = critical,CA:TRUE' \
+    'keyUsage = critical,keyCertSign,cRLSign' \
+    'subjectKeyIdentifier = hash' \
+    '[server]' \
+    'basicConstraints = critical,CA:FALSE' \
+    'keyUsage = critical,digitalSignature,keyEncipherment' \
+    'extendedKeyUsage = serverAuth' \
+    'subjectAltName = DNS:localhost,IP:127.0.0.1' \
+    'authorityKeyIdentifier = keyid' \
+    '[client]' \
+    'basicConstraints = critical,CA:FALSE' \
+    'keyUsage = critical,digitalSignature,keyEncipherment' \
+    'extendedKeyUsage = clientAuth' \
+    'authorityKeyIdentifier = keyid' >ext.cnf || return 1
+  for ca in ca other-ca; do
+    rmq_tls_key_csr "$ca" "orderd stack throwaway $ca" || return 1
+    openssl x509 -req -in "$ca.csr" -signkey "$ca.key" -days 825 -sha256 \
+      -extfile ext.cnf -extensions ca -out "$ca.crt" || return 1
+  done
+  rmq_tls_key_csr server localhost && rmq_tls_sign server ca server &&
+    rmq_tls_key_csr client orderd-client && rmq_tls_sign client ca client &&
+    rmq_tls_key_csr other-client orderd-other-client &&
+    rmq_tls_sign other-client other-ca client || return 1
+  # The other CA's key is never needed again; the stack CA's stays, to sign more.
+  rm -f ./*.csr ./*.srl ext.cnf other-ca.key && chmod 600 ./*
+}
+
+# rmq_tls_key_csr NAME CN: NAME.key (EC P-256, not encrypted) and NAME.csr.
+rmq_tls_key_csr() {
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$1.key" -out "$1.csr" -subj "/O=orderd stack/CN=$2"
+}
+
+# rmq_tls_sign NAME CA EXTENSIONS: NAME.crt from NAME.csr, signed by CA.crt and CA.key.
+rmq_tls_sign() {
+  openssl x509 -req -in "$1.csr" -CA "$2.crt" -CAkey "$2.key" -CAcreateserial \
+    -CAserial "$2.srl" -days 825 -sha256 -extfile ext.cnf -extensions "$3" -out "$1.crt"
+}
+
+# amqps_handshake: 0 when a TLS client that verifies the stack's CA and the name localhost
+# completes a handshake on the amqps port.
+amqps_handshake() {
+  timeout 10 openssl s_client -connect "127.0.0.1:$STACK_AMQPS_PORT" -servername localhost \
+    -CAfile "$RMQ_TLS_DIR/ca.crt" -verify_hostname localhost -verify_return_error \
+    </dev/null >/dev/null 2>&1
+}
+
 rmq_start() {
-  local pid
+  local pid running=""
   if pid=$(rmq_pid); then
     log "rabbitmq: already running (pid $pid)"
+    running=1
   else
     [ -x "$RMQ_SBIN/rabbitmq-server" ] || die "rabbitmq: rabbitmq-server not found (run scripts/deps.sh)"
     local p
-    for p in "$STACK_AMQP_PORT" "$STACK_RMQ_DIST_PORT"; do
+    for p in "$STACK_AMQP_PORT" "$STACK_AMQPS_PORT" "$STACK_RMQ_DIST_PORT"; do
       port_open "$p" && die "rabbitmq: 127.0.0.1:$p is in use by a process that is not this stack's"
     done
     mkdir -p "$RMQ_DIR/home" "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
+    rmq_tls_ensure
     chmod 700 "$RMQ_DIR/home"
     [ -f "$RMQ_DIR/enabled_plugins" ] || echo '[].' >"$RMQ_DIR/enabled_plugins"
     : >"$RMQ_DIR/rabbitmq-env.conf" # keeps /etc/rabbitmq/rabbitmq-env.conf out
     cat >"$RMQ_DIR/rabbitmq.conf" <<EOF
 # Written by scripts/stack.sh at every start; edit the script, not this file.
 listeners.tcp.default = 127.0.0.1:$STACK_AMQP_PORT
+# amqps. A client is asked for a certificate, and one it sends must chain to ca.crt, but a
+# client without one is let in (the TLS tests try both).
+listeners.ssl.default = 127.0.0.1:$STACK_AMQPS_PORT
+ssl_options.cacertfile = $RMQ_TLS_DIR/ca.crt
+ssl_options.certfile = $RMQ_TLS_DIR/server.crt
+ssl_options.keyfile = $RMQ_TLS_DIR/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
 log.console = false
 log.file.level = info
 EOF
@@ -406,7 +518,7 @@ EOF
     fi
     (rmq_env && epmd_start)
     rm -f "$RMQ_DIR/orderd.pid"
-    log "rabbitmq: starting $STACK_RMQ_NODE on 127.0.0.1:$STACK_AMQP_PORT"
+    log "rabbitmq: starting $STACK_RMQ_NODE on 127.0.0.1:$STACK_AMQP_PORT (amqps $STACK_AMQPS_PORT)"
     (rmq_env && cd / && exec setsid "$RMQ_SBIN/rabbitmq-server" \
       >>"$RMQ_DIR/log/startup.log" 2>&1 </dev/null 9>&-) &
     # The server's shell wrapper (it runs the VM as its child): what stop signals when the
@@ -429,6 +541,16 @@ EOF
     rmqctl -q set_permissions -p / orderd '.*' '.*' '.*'
     amqp_login orderd orderd || die "rabbitmq: neither guest nor orderd can log in"
     echo "amqp://orderd:orderd@127.0.0.1:$STACK_AMQP_PORT/" >"$RMQ_DIR/amqp-url"
+  fi
+  if ! amqps_handshake; then
+    if [ -n "$running" ]; then
+      # Started by an older stack.sh, before the TLS listener: say how to get one.
+      log "rabbitmq: no TLS listener on 127.0.0.1:$STACK_AMQPS_PORT; to get one:" \
+        "scripts/stack.sh stop rabbitmq && scripts/stack.sh start rabbitmq"
+    else
+      tail_log "$RMQ_DIR/log/$STACK_RMQ_NODE.log"
+      die "rabbitmq: no verified TLS handshake on 127.0.0.1:$STACK_AMQPS_PORT"
+    fi
   fi
 }
 
@@ -460,7 +582,9 @@ rmq_stop() {
 rmq_status() {
   local pid
   if pid=$(rmq_pid) && port_open "$STACK_AMQP_PORT"; then
-    echo "rabbitmq: running (pid $pid) 127.0.0.1:$STACK_AMQP_PORT, node $STACK_RMQ_NODE"
+    local amqps="amqps 127.0.0.1:$STACK_AMQPS_PORT"
+    port_open "$STACK_AMQPS_PORT" || amqps="amqps not listening (restart rabbitmq)"
+    echo "rabbitmq: running (pid $pid) 127.0.0.1:$STACK_AMQP_PORT, $amqps, node $STACK_RMQ_NODE"
     return 0
   fi
   echo "rabbitmq: stopped"
@@ -516,6 +640,8 @@ case "$cmd" in
     echo "export ORDERD_STACK_PG_DSN=\"$STACK_PG_DSN\""
     echo "export ORDERD_STACK_REDIS=$STACK_REDIS"
     echo "export ORDERD_STACK_AMQP_URL=$(amqp_url)"
+    echo "export ORDERD_STACK_AMQPS_PORT=$STACK_AMQPS_PORT"
+    echo "export ORDERD_STACK_AMQP_TLS_DIR=\"$RMQ_TLS_DIR\""
     ;;
   *)
     sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2

@@ -193,8 +193,13 @@ fi
 
 export ORDERD_TEST_PG_DSN="host=127.0.0.1 port=$STACK_PG_PORT dbname=orderd_test user=orderd"
 export ORDERD_TEST_REDIS="$STACK_REDIS"
-ORDERD_TEST_AMQP_URL=$(bash scripts/stack.sh env | sed -n 's/^export ORDERD_STACK_AMQP_URL=//p')
+STACK_ENV=$(bash scripts/stack.sh env)
+ORDERD_TEST_AMQP_URL=$(echo "$STACK_ENV" | sed -n 's/^export ORDERD_STACK_AMQP_URL=//p')
 export ORDERD_TEST_AMQP_URL="${ORDERD_TEST_AMQP_URL:-$STACK_AMQP_URL}"
+# amqps and its throwaway certificates (tests/amqp/test_tls.c), as stack.sh made them.
+ORDERD_TEST_AMQPS_PORT=$(echo "$STACK_ENV" | sed -n 's/^export ORDERD_STACK_AMQPS_PORT=//p')
+ORDERD_TEST_AMQP_TLS_DIR=$(echo "$STACK_ENV" | sed -n 's/^export ORDERD_STACK_AMQP_TLS_DIR="\(.*\)"$/\1/p')
+export ORDERD_TEST_AMQPS_PORT ORDERD_TEST_AMQP_TLS_DIR
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 if [ -f tests/lsan.supp ]; then

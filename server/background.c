@@ -377,6 +377,12 @@ static amqp_settings *amqp_settings_of(srv_server *srv)
         .heartbeat_s = cfg->amqp_heartbeat_s,
         .timeout_us = cfg->amqp_timeout_us,
         .backoff_max_us = cfg->amqp_backoff_max_us,
+        .tls = cfg->amqp_tls,
+        .tls_ca_file = cfg->amqp_tls_ca_file,
+        .tls_cert_file = cfg->amqp_tls_cert_file,
+        .tls_key_file = cfg->amqp_tls_key_file,
+        .tls_skip_verify = !cfg->amqp_tls_verify,
+        .tls_server_name = cfg->amqp_tls_server_name,
         .exchange = cfg->amqp_exchange,
         .declare_queues = cfg->amqp_declare_queues,
         .stock_queue = cfg->amqp_stock_queue,
@@ -407,6 +413,13 @@ int srv_background_start(srv_server *srv, char *err, size_t errlen)
             return -1;
         }
         srv->amqp_settings = s;
+        /* Once per process, not per connection: every relay and the consumer share it. */
+        if (s->tls && s->tls_skip_verify)
+            log_kv(LOG_WARN,
+                   "amqp.tls_verify is false: the broker's certificate and name are NOT "
+                   "verified; anyone on the path can read and alter events (development only)",
+                   LOG_F_STR, "host", s->host, LOG_F_INT, "port", (int64_t)s->port, LOG_F_STR,
+                   "environment", cfg->environment, LOG_F_END);
         /* Several relays share the outbox like replicas do (SKIP LOCKED, chain heads): on a
          * busy database one connection gets one backend's share of it (bench/relay.sh). */
         int n = cfg->amqp_relays < 1 ? 1 : cfg->amqp_relays;

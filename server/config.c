@@ -166,6 +166,12 @@ static const setting settings[] = {
     {"amqp.password", ST_SECRET, SF_SECRET | SF_ENV_ONLY, NULL, FIELD(amqp_password),
      .len_offset = offsetof(srv_config, amqp_password_len)},
     {"amqp.password_file", ST_PATH, 0, "", FIELD(amqp_password_file)},
+    {"amqp.tls", ST_BOOL, 0, "false", FIELD(amqp_tls)},
+    {"amqp.tls_ca_file", ST_PATH, 0, "", FIELD(amqp_tls_ca_file)},
+    {"amqp.tls_cert_file", ST_PATH, 0, "", FIELD(amqp_tls_cert_file)},
+    {"amqp.tls_key_file", ST_PATH, 0, "", FIELD(amqp_tls_key_file)},
+    {"amqp.tls_verify", ST_BOOL, 0, "true", FIELD(amqp_tls_verify)},
+    {"amqp.tls_server_name", ST_STRING, 0, "", FIELD(amqp_tls_server_name)},
     {"amqp.heartbeat", ST_INT, 0, "30", FIELD(amqp_heartbeat_s), .min = 0, .max = 3600},
     {"amqp.timeout", ST_DURATION, 0, "5s", FIELD(amqp_timeout_us), .min = 10 * US_MS, .max = US_M},
     {"amqp.reconnect_backoff_max", ST_DURATION, 0, "5s", FIELD(amqp_backoff_max_us),
@@ -936,6 +942,56 @@ static int load_secrets(srv_config *cfg, unsigned flags, char *err, size_t errle
     return 0;
 }
 
+/*
+ * amqp.tls_*: a client certificate comes with its key (both or neither, whether or not TLS
+ * is on: half a pair is a mistake either way). With SRV_CONFIG_NEED_SECRETS and TLS in
+ * use, every file named must be a readable regular file, so that a typo stops the start
+ * instead of turning into a reconnect loop. Only paths are ever echoed.
+ */
+static int check_amqp_tls(const srv_config *cfg, unsigned flags, char *err, size_t errlen)
+{
+    bool cert = cfg->amqp_tls_cert_file[0], key = cfg->amqp_tls_key_file[0];
+    if (cert != key) {
+        set_err(err, errlen,
+                "%s is set but %s is not: a client certificate needs its key; set both "
+                "(amqp.tls_cert_file and amqp.tls_key_file) or neither",
+                cert ? "amqp.tls_cert_file" : "amqp.tls_key_file",
+                cert ? "amqp.tls_key_file" : "amqp.tls_cert_file");
+        return -1;
+    }
+    if (!(flags & SRV_CONFIG_NEED_SECRETS) || !cfg->amqp_enabled || !cfg->amqp_tls)
+        return 0;
+    static const struct {
+        const char *name;
+        size_t offset;
+    } files[] = {
+        {"amqp.tls_ca_file", offsetof(srv_config, amqp_tls_ca_file)},
+        {"amqp.tls_cert_file", offsetof(srv_config, amqp_tls_cert_file)},
+        {"amqp.tls_key_file", offsetof(srv_config, amqp_tls_key_file)},
+    };
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        const char *path = cfield(cfg, files[i].offset);
+        if (!*path)
+            continue;
+        int e = 0, fd = open(path, O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        if (fd < 0)
+            e = errno;
+        else if (fstat(fd, &st) != 0)
+            e = errno;
+        else if (!S_ISREG(st.st_mode))
+            e = EINVAL;
+        if (fd >= 0)
+            close(fd);
+        if (e) {
+            set_err(err, errlen, "%s: cannot read %s: %s", files[i].name, path,
+                    e == EINVAL ? "not a regular file" : strerror(e));
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* ---- public ---------------------------------------------------------------- */
 
 int srv_config_env_name(const char *yaml_path, char *out, size_t cap)
@@ -998,6 +1054,8 @@ int srv_config_load(const char *path, unsigned flags, srv_config *out, char *err
     if (load_env(out, err, errlen) != 0)
         goto fail;
     if (load_secrets(out, flags, err, errlen) != 0)
+        goto fail;
+    if (check_amqp_tls(out, flags, err, errlen) != 0)
         goto fail;
     return 0;
 fail:

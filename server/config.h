@@ -136,6 +136,12 @@ typedef struct srv_config {
     int amqp_heartbeat_s;
     int64_t amqp_timeout_us;
     int64_t amqp_backoff_max_us;
+    bool amqp_tls;                     /* amqps, through rabbitmq-c's OpenSSL socket */
+    char amqp_tls_ca_file[PATH_MAX];   /* "" = the system's default CA store */
+    char amqp_tls_cert_file[PATH_MAX]; /* client certificate; set with its key or neither */
+    char amqp_tls_key_file[PATH_MAX];  /* its key (PEM, not encrypted) */
+    bool amqp_tls_verify;              /* chain and name; false: development only (warned) */
+    char amqp_tls_server_name[256];    /* the name verified; "" = amqp_host */
     char amqp_exchange[128];
     bool amqp_declare_queues;
     char amqp_stock_queue[128];

@@ -46,6 +46,12 @@ static const char *const all_settings[] = {
     "orders.page_token_secret",
     "orders.page_token_secret_file",
     "log.level",
+    "amqp.tls",
+    "amqp.tls_ca_file",
+    "amqp.tls_cert_file",
+    "amqp.tls_key_file",
+    "amqp.tls_verify",
+    "amqp.tls_server_name",
 };
 #define NALL (sizeof all_settings / sizeof all_settings[0])
 
@@ -411,6 +417,109 @@ static void test_redis_cache_ratelimit_settings(void **state)
     assert_null(strstr(err, "hunter2"));
 }
 
+/* amqp.tls_*: defaults, the file (paths relative to it), the environment. */
+static void test_amqp_tls_settings(void **state)
+{
+    (void)state;
+    assert_int_equal(srv_config_load(NULL, 0, &cfg, err, sizeof err), 0);
+    assert_false(cfg.amqp_tls);
+    assert_true(cfg.amqp_tls_verify); /* verified unless turned off */
+    assert_string_equal(cfg.amqp_tls_ca_file, "");
+    assert_string_equal(cfg.amqp_tls_cert_file, "");
+    assert_string_equal(cfg.amqp_tls_key_file, "");
+    assert_string_equal(cfg.amqp_tls_server_name, "");
+
+    write_config("amqp:\n  port: 5671\n  tls: true\n  tls_ca_file: tls/ca.crt\n"
+                 "  tls_cert_file: /abs/client.crt\n  tls_key_file: tls/client.key\n"
+                 "  tls_verify: false\n  tls_server_name: rabbit.internal\n");
+    assert_int_equal(load(0), 0);
+    assert_true(cfg.amqp_tls);
+    assert_false(cfg.amqp_tls_verify);
+    char want[PATH_MAX + 32];
+    snprintf(want, sizeof want, "%s/tls/ca.crt", tmpdir);
+    assert_string_equal(cfg.amqp_tls_ca_file, want);
+    assert_string_equal(cfg.amqp_tls_cert_file, "/abs/client.crt");
+    snprintf(want, sizeof want, "%s/tls/client.key", tmpdir);
+    assert_string_equal(cfg.amqp_tls_key_file, want);
+    assert_string_equal(cfg.amqp_tls_server_name, "rabbit.internal");
+
+    setenv("ORDERD_AMQP_TLS_VERIFY", "true", 1);
+    setenv("ORDERD_AMQP_TLS_SERVER_NAME", "10.0.0.7", 1);
+    setenv("ORDERD_AMQP_TLS_CA_FILE", "", 1); /* back to the system's store */
+    assert_int_equal(load(0), 0);
+    assert_true(cfg.amqp_tls_verify);
+    assert_string_equal(cfg.amqp_tls_server_name, "10.0.0.7");
+    assert_string_equal(cfg.amqp_tls_ca_file, "");
+
+    setenv("ORDERD_AMQP_TLS", "maybe", 1);
+    assert_int_equal(load(0), -1);
+    assert_contains(err, "ORDERD_AMQP_TLS");
+    assert_contains(err, "amqp.tls");
+}
+
+/* A client certificate without its key, or a key without its certificate, is refused at
+ * load, whether or not TLS is on, and whichever source set it. */
+static void test_amqp_tls_cert_and_key_go_together(void **state)
+{
+    (void)state;
+    write_config("amqp:\n  tls: true\n  tls_cert_file: client.crt\n");
+    assert_int_equal(load(0), -1);
+    assert_contains(err, "amqp.tls_cert_file is set but amqp.tls_key_file is not");
+    assert_contains(err, "both");
+
+    write_config("amqp:\n  tls_key_file: client.key\n");
+    assert_int_equal(load(0), -1);
+    assert_contains(err, "amqp.tls_key_file is set but amqp.tls_cert_file is not");
+
+    setenv("ORDERD_AMQP_TLS_CERT_FILE", "client.crt", 1);
+    assert_int_equal(load(0), 0); /* the pair, from the file and the environment */
+
+    write_config("amqp:\n  tls: true\n  tls_cert_file: client.crt\n  tls_key_file: client.key\n");
+    setenv("ORDERD_AMQP_TLS_KEY_FILE", "", 1);
+    unsetenv("ORDERD_AMQP_TLS_CERT_FILE");
+    assert_int_equal(load(0), -1);
+    assert_contains(err, "amqp.tls_cert_file is set but amqp.tls_key_file is not");
+}
+
+/* With SRV_CONFIG_NEED_SECRETS and TLS in use, the named files must be readable. */
+static void test_amqp_tls_files_must_be_readable(void **state)
+{
+    (void)state;
+    setenv("ORDERD_AUTH_HS256_SECRET", SECRET_A, 1);
+    setenv("ORDERD_ORDERS_PAGE_TOKEN_SECRET", SECRET_B, 1);
+    write_at("tls/ca.crt", "-----BEGIN CERTIFICATE-----\n");
+    write_at("tls/client.crt", "-----BEGIN CERTIFICATE-----\n");
+    write_at("tls/client.key", "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n");
+    write_config("amqp:\n  tls: true\n  tls_ca_file: tls/ca.crt\n"
+                 "  tls_cert_file: tls/client.crt\n  tls_key_file: tls/nope.key\n");
+    assert_int_equal(load(SRV_CONFIG_NEED_SECRETS), -1);
+    assert_contains(err, "amqp.tls_key_file: cannot read");
+    assert_contains(err, "tls/nope.key");
+    assert_contains(err, "No such file");
+    assert_int_equal(load(0), 0); /* `orderd migrate` needs no broker */
+
+    write_config("amqp:\n  tls: true\n  tls_ca_file: tls\n");
+    assert_int_equal(load(SRV_CONFIG_NEED_SECRETS), -1);
+    assert_contains(err, "amqp.tls_ca_file: cannot read");
+    assert_contains(err, "not a regular file");
+
+    /* Not checked when unused: TLS off, or AMQP off. */
+    write_config("amqp:\n  tls: false\n  tls_ca_file: tls/nope.crt\n");
+    assert_int_equal(load(SRV_CONFIG_NEED_SECRETS), 0);
+    write_config("amqp:\n  enabled: false\n  tls: true\n  tls_ca_file: tls/nope.crt\n");
+    assert_int_equal(load(SRV_CONFIG_NEED_SECRETS), 0);
+
+    write_config("amqp:\n  tls: true\n  tls_ca_file: tls/ca.crt\n"
+                 "  tls_cert_file: tls/client.crt\n  tls_key_file: tls/client.key\n");
+    assert_int_equal(load(SRV_CONFIG_NEED_SECRETS), 0);
+    capture c = capture_begin();
+    srv_config_log(&cfg);
+    char *out = capture_end(c);
+    assert_contains(out, "\"amqp.tls_key_file\":\"");
+    assert_not_contains(out, "c2VjcmV0LWtleS1ieXRlcw"); /* a path is logged, never a key */
+    free(out);
+}
+
 static void test_unknown_key_has_line(void **state)
 {
     (void)state;
@@ -757,7 +866,11 @@ static void test_every_setting_has_env_override(void **state)
                                                 "auth.issuer",
                                                 "auth.audience",
                                                 "orders.page_token_secret",
-                                                "orders.page_token_secret_file"};
+                                                "orders.page_token_secret_file",
+                                                "amqp.tls_ca_file",
+                                                "amqp.tls_cert_file",
+                                                "amqp.tls_key_file",
+                                                "amqp.tls_server_name"};
         bool skip = false;
         for (size_t j = 0; j < sizeof free_form / sizeof free_form[0]; j++)
             skip = skip || strcmp(all_settings[i], free_form[j]) == 0;
@@ -888,6 +1001,9 @@ int main(void)
         T(test_env_bad_value_names_variable),
         T(test_unknown_env_variable_warns),
         T(test_redis_cache_ratelimit_settings),
+        T(test_amqp_tls_settings),
+        T(test_amqp_tls_cert_and_key_go_together),
+        T(test_amqp_tls_files_must_be_readable),
         T(test_unknown_key_has_line),
         T(test_out_of_range_names_key_line_range),
         T(test_shape_errors),
