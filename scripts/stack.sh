@@ -7,6 +7,7 @@
 #   scripts/stack.sh stop   [pg|redis|rabbitmq ...]   stop what this script started
 #   scripts/stack.sh status [pg|redis|rabbitmq ...]   exit 0 when all named are running
 #   scripts/stack.sh env                              export lines for a shell: eval
+#   scripts/stack.sh rabbitmqctl ARGS...              rabbitmqctl against the stack's node
 #
 # RabbitMQ also listens for AMQP over TLS (amqps) on 127.0.0.1:55671 (STACK_AMQPS_PORT),
 # with a throwaway CA and certificates made once in .local/stack/rabbitmq/tls/.
@@ -643,8 +644,14 @@ case "$cmd" in
     echo "export ORDERD_STACK_AMQPS_PORT=$STACK_AMQPS_PORT"
     echo "export ORDERD_STACK_AMQP_TLS_DIR=\"$RMQ_TLS_DIR\""
     ;;
+  rabbitmqctl)
+    # With the stack's node name, cookie and epmd port: a plain rabbitmqctl would look for
+    # rabbit@<host> and start an epmd of its own on the default port, left running.
+    rmq_pid >/dev/null || die "rabbitmq: not running (scripts/stack.sh start rabbitmq)"
+    rmqctl "$@"
+    ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac
