@@ -265,6 +265,15 @@ export ORDERD_AMQP_HOST=$AMQP_HOST ORDERD_AMQP_PORT=$AMQP_PORT ORDERD_AMQP_USER=
 export ORDERD_AMQP_EXCHANGE=$EXCHANGE ORDERD_AMQP_DECLARE_QUEUES=true ORDERD_AMQP_QUORUM_QUEUES=false
 export ORDERD_AMQP_STOCK_QUEUE=$STOCK_Q ORDERD_AMQP_ORDER_QUEUE=$ORDER_Q
 export ORDERD_AMQP_REPLY_QUEUE=$REPLY_Q ORDERD_AMQP_DEAD_LETTER_EXCHANGE=$DLX ORDERD_AMQP_DEAD_LETTER_QUEUE=$DLQ
+# BENCH_AMQP_TLS_PORT: orderd talks to the broker over TLS on that port (the stack's amqps
+# listener, verified with its CA); amqp-baseline stays on the plain port, so the baseline
+# ratio then shows what TLS costs the relay.
+AMQP_SHOWN=$AMQP_HOST:$AMQP_PORT
+if [ -n "${BENCH_AMQP_TLS_PORT:-}" ]; then
+  export ORDERD_AMQP_PORT=$BENCH_AMQP_TLS_PORT ORDERD_AMQP_TLS=true
+  export ORDERD_AMQP_TLS_CA_FILE=${BENCH_AMQP_TLS_CA:-$ROOT/.local/stack/rabbitmq/tls/ca.crt}
+  AMQP_SHOWN="$AMQP_HOST:$BENCH_AMQP_TLS_PORT over TLS for orderd, $AMQP_HOST:$AMQP_PORT for the baseline"
+fi
 migrate_db
 stage_end ok
 
@@ -470,7 +479,7 @@ cat >"$RAW/meta.json" <<EOF
  "postgres": "$("$PSQL" "${PGARGS[@]}" -d postgres -XtAc 'SHOW server_version' 2>/dev/null || echo '?')",
  "rabbitmq": "$(find /usr/lib/rabbitmq/lib -maxdepth 1 -name 'rabbitmq_server-*' 2>/dev/null | sed 's/.*-//' | head -n 1)",
  "librabbitmq": "$(pkg-config --modversion librabbitmq 2>/dev/null || echo '?')",
- "rmq_note": "$RMQ_NOTE", "amqp": "$AMQP_HOST:$AMQP_PORT",
+ "rmq_note": "$RMQ_NOTE", "amqp": "$AMQP_SHOWN",
  "load_before": "$LOAD_BEFORE", "load_after": "$LOAD_AFTER",
  "date": "$(date -u '+%Y-%m-%d %H:%M UTC')", "raw": "${RAW#"$ROOT"/}"}
 EOF
