@@ -42,6 +42,8 @@ typedef struct amqp_settings {
     const char *dead_letter_exchange; /* malformed replies go here (declared, fanout) */
     const char *dead_letter_queue;    /* bound to it */
     int prefetch;                     /* consumer basic.qos */
+    int reply_max_attempts; /* a reply failing with a deadline or a lost race this many times
+                               in a row is dead-lettered (0: 10); "unavailable" never is */
 
     int relay_batch;             /* rows claimed per round */
     int64_t relay_idle_poll_us;  /* longest sleep when nothing is due (NOTIFY wakes it) */

@@ -14,6 +14,10 @@
  * committed (the function dedupes on event_id in the same transaction). A transient
  * failure (database unavailable, deadline, lost race) is rejected with requeue after a
  * back-off; anything else the function may say that can never succeed is dead-lettered.
+ * "Unavailable" (the database is down) is retried for as long as it lasts; a deadline or
+ * a lost race is about the reply itself as much as the moment, so one reply failing so
+ * `reply_max_attempts` times in a row is dead-lettered rather than retried for ever (it
+ * would come back first every time and take the consumer's time from the others).
  * The thread never trusts the body: lengths are bounded, and nothing is ever asserted.
  */
 #include <jansson.h>
@@ -33,6 +37,14 @@
 #define LOG_BODY_MAX 200         /* bytes of a malformed body quoted in the log */
 #define RETRY_MIN_US (200 * 1000LL)
 #define EVENT_ID_MAX 255
+#define STRIKES_MAX  64 /* replies whose failed attempts are counted at once */
+
+/* Failed attempts of one reply in a row (deadline, lost race). */
+struct strike {
+    char id[EVENT_ID_MAX + 1];
+    int count;
+    uint64_t used; /* for replacing the least recently failed */
+};
 
 struct amqp_consumer {
     amqp_settings s; /* a copy; the strings are borrowed */
@@ -42,10 +54,42 @@ struct amqp_consumer {
     pthread_t thread;
     bool up;
     int64_t retry_us; /* back-off before requeueing after a transient failure */
+    struct strike strikes[STRIKES_MAX];
+    uint64_t strike_clock;
 
     atomic_uint_fast64_t applied, duplicates, dead_lettered, requeued, reconnects;
     atomic_bool connected;
 };
+
+/* Counts a failed attempt of reply `id`; returns how many in a row it has had. */
+static int strike(struct amqp_consumer *k, const char *id)
+{
+    struct strike *slot = &k->strikes[0];
+    for (int i = 0; i < STRIKES_MAX; i++) {
+        struct strike *s = &k->strikes[i];
+        if (s->count && strcmp(s->id, id) == 0) {
+            slot = s;
+            break;
+        }
+        if (!s->count || s->used < slot->used)
+            slot = s; /* a free one, else the least recently failed */
+    }
+    if (!slot->count || strcmp(slot->id, id) != 0) {
+        snprintf(slot->id, sizeof slot->id, "%s", id);
+        slot->count = 0;
+    }
+    slot->count++;
+    slot->used = ++k->strike_clock;
+    return slot->count;
+}
+
+/* Forgets the failures of reply `id` (it was settled). */
+static void unstrike(struct amqp_consumer *k, const char *id)
+{
+    for (int i = 0; i < STRIKES_MAX; i++)
+        if (k->strikes[i].count && strcmp(k->strikes[i].id, id) == 0)
+            k->strikes[i].count = 0;
+}
 
 static void set_down(struct amqp_consumer *k)
 {
@@ -253,6 +297,21 @@ static void on_delivery(struct amqp_consumer *k, const amqp_frame_t *f)
     }
 
     int rc = k->fn(k->arg, &reply);
+    if (rc == ORDER_EDEADLINE || rc == ORDER_EABORTED) {
+        int n = strike(k, reply.id);
+        if (n >= k->s.reply_max_attempts) {
+            log_kv(LOG_ERROR, "inventory reply failed on every attempt; dead-lettering it",
+                   LOG_F_STR, "event_id", reply.id, LOG_F_STR, "order_id", reply.order_id,
+                   LOG_F_STR, "code", order_code_name(rc), LOG_F_INT, "attempts", (int64_t)n,
+                   LOG_F_END);
+            unstrike(k, reply.id);
+            settle(k, tag, false, false);
+            atomic_fetch_add(&k->dead_lettered, 1);
+            goto done;
+        }
+    } else if (rc != ORDER_EUNAVAILABLE) {
+        unstrike(k, reply.id);
+    }
     switch (rc) {
     case ORDER_OK:
         atomic_fetch_add(&k->applied, 1);
@@ -380,6 +439,8 @@ int amqp_consumer_start(const amqp_settings *s, amqp_reply_fn fn, void *arg, amq
         k->s.backoff_max_us = 30 * 1000000LL;
     if (k->s.prefetch <= 0)
         k->s.prefetch = 10;
+    if (k->s.reply_max_attempts <= 0)
+        k->s.reply_max_attempts = 10;
     if (k->s.prefetch > 65535)
         k->s.prefetch = 65535;
     k->fn = fn;

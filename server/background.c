@@ -393,6 +393,7 @@ static amqp_settings *amqp_settings_of(srv_server *srv)
         .dead_letter_exchange = cfg->amqp_dead_letter_exchange,
         .dead_letter_queue = cfg->amqp_dead_letter_queue,
         .prefetch = cfg->amqp_prefetch,
+        .reply_max_attempts = cfg->amqp_reply_max_attempts,
         .relay_batch = cfg->amqp_relay_batch,
         .relay_idle_poll_us = cfg->amqp_relay_idle_poll_us,
         .relay_claim_us = cfg->amqp_relay_claim_us,

@@ -187,6 +187,8 @@ static const setting settings[] = {
     {"amqp.dead_letter_exchange", ST_STRING, 0, "orderd.dead-letter", FIELD(amqp_dead_letter_exchange)},
     {"amqp.dead_letter_queue", ST_STRING, 0, "orderd.dead-letter", FIELD(amqp_dead_letter_queue)},
     {"amqp.prefetch", ST_INT, 0, "16", FIELD(amqp_prefetch), .min = 1, .max = 65535},
+    {"amqp.reply_max_attempts", ST_INT, 0, "10", FIELD(amqp_reply_max_attempts), .min = 1,
+     .max = 1000000},
     {"amqp.relays", ST_INT, 0, "2", FIELD(amqp_relays), .min = 1, .max = 16},
     {"amqp.relay_batch", ST_INT, 0, "100", FIELD(amqp_relay_batch), .min = 1, .max = 10000},
     {"amqp.relay_idle_poll", ST_DURATION, 0, "1s", FIELD(amqp_relay_idle_poll_us),

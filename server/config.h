@@ -153,6 +153,7 @@ typedef struct srv_config {
     char amqp_dead_letter_exchange[128];
     char amqp_dead_letter_queue[128];
     int amqp_prefetch;
+    int amqp_reply_max_attempts;
     int amqp_relays; /* relay threads (and connections) in this process */
     int amqp_relay_batch;
     int64_t amqp_relay_idle_poll_us;

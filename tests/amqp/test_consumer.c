@@ -16,6 +16,7 @@
 
 #include "amqptest.h"
 #include "common/clock.h"
+#include "common/clock.h"
 
 /* ---- a fake reply function ---- */
 
@@ -215,6 +216,69 @@ static void test_transient_failure_is_redelivered(void **state)
     assert_int_equal(amqpt_count(RAW, DLQ), 0);
 }
 
+/* A reply that loses its race every time (or always runs out of time) is dead-lettered
+ * after reply_max_attempts, and the replies around it are applied meanwhile. */
+static void test_a_reply_failing_every_time_is_dead_lettered(void **state)
+{
+    amqp_settings s = SET;
+    s.reply_max_attempts = 3;
+    pthread_mutex_lock(&F.mu);
+    snprintf(F.code_id, sizeof F.code_id, "p-1");
+    F.code = ORDER_EABORTED;
+    pthread_mutex_unlock(&F.mu);
+    amqp_consumer *k = start_connected(&s);
+    reply("stock.reserved", "p-1", "p-1", "stock.reserved", NULL);
+    reply("stock.reserved", "ok-1", "ok-1", "stock.reserved", NULL);
+    struct queue_wait w = {DLQ, 1};
+    assert_true(amqpt_wait(queue_has, &w, 15 * 1000000));
+    usleep(100 * 1000);
+    amqp_consumer_stats st = stats_of(k);
+    amqp_consumer_stop(k);
+    assert_int_equal(st.dead_lettered, 1);
+    assert_int_equal(st.requeued, 2);
+    assert_int_equal(st.applied, 1);
+    int poison = 0, ok = 0;
+    pthread_mutex_lock(&F.mu);
+    for (int i = 0; i < F.n; i++) {
+        poison += strcmp(F.calls[i].id, "p-1") == 0;
+        ok += strcmp(F.calls[i].id, "ok-1") == 0;
+    }
+    pthread_mutex_unlock(&F.mu);
+    assert_int_equal(poison, 3);
+    assert_int_equal(ok, 1);
+    assert_int_equal(amqpt_count(RAW, RQ), 0);
+}
+
+/* The database being down is not the reply's fault: retried past reply_max_attempts. */
+static void test_unavailable_is_retried_past_the_limit(void **state)
+{
+    amqp_settings s = SET;
+    s.reply_max_attempts = 2;
+    s.backoff_max_us = 300 * 1000;
+    pthread_mutex_lock(&F.mu);
+    snprintf(F.code_id, sizeof F.code_id, "u-1");
+    F.code = ORDER_EUNAVAILABLE;
+    pthread_mutex_unlock(&F.mu);
+    amqp_consumer *k = start_connected(&s);
+    reply("stock.reserved", "u-1", "u-1", "stock.reserved", NULL);
+    int want = 4;
+    assert_true(amqpt_wait(calls_at_least, &want, 15 * 1000000));
+    pthread_mutex_lock(&F.mu);
+    F.code = ORDER_OK; /* the database is back */
+    pthread_mutex_unlock(&F.mu);
+    amqp_consumer_stats st;
+    int64_t until = clock_mono_us() + 10 * 1000000;
+    do {
+        usleep(50 * 1000);
+        st = stats_of(k);
+    } while (st.applied == 0 && clock_mono_us() < until);
+    amqp_consumer_stop(k);
+    assert_int_equal(st.applied, 1);
+    assert_int_equal(st.dead_lettered, 0);
+    assert_true(st.requeued >= 3);
+    assert_int_equal(amqpt_count(RAW, DLQ), 0);
+}
+
 static void test_duplicates_and_hopeless_replies_are_acked(void **state)
 {
     amqp_consumer *k = start_connected(&SET);
@@ -366,6 +430,10 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_valid_replies_are_applied_and_acked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_transient_failure_is_redelivered, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_a_reply_failing_every_time_is_dead_lettered, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_unavailable_is_retried_past_the_limit, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_duplicates_and_hopeless_replies_are_acked, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_malformed_replies_are_dead_lettered, setup, teardown),
