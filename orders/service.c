@@ -293,6 +293,11 @@ done:
     return rc;
 }
 
+/* Closing a declined intent gets at most half of what is left of the call, and at most
+ * this much; with less than the minimum left it is not tried. */
+#define VOID_DECLINED_MAX_US (2 * 1000000LL)
+#define VOID_DECLINED_MIN_US (200 * 1000LL)
+
 /* The reason a declined order keeps, and its prefix (a replay answers the same). */
 #define DECLINED_PREFIX "payment declined"
 
@@ -400,9 +405,17 @@ static int pay_for_order(order_service *svc, order_ctx *ctx, const order_saved_m
     order_replace(o, &next);
     if (declined && o->status == ORDER_STATUS_FAILED && o->pay_reference[0]) {
         /* A declined intent stays open at the provider (Stripe: requires_payment_method);
-         * close it, so nothing pays for a FAILED order later. Best effort: a payment that
-         * lands anyway is refunded when it is reported (refund_late). */
-        if (pay->cancel(pay->self, ctx, o) != ORDER_OK)
+         * close it, so nothing pays for a FAILED order later. Best effort, and within a
+         * part of the caller's time, so that a slow provider costs the caller the void and
+         * not the answer: a payment that lands anyway is refunded when it is reported
+         * (refund_late). */
+        order_ctx vctx = *ctx;
+        int64_t left = order_ctx_remaining_us(ctx);
+        if (left != INT64_MAX) { /* no deadline: the provider's own timeouts bound it */
+            int64_t budget = left / 2 < VOID_DECLINED_MAX_US ? left / 2 : VOID_DECLINED_MAX_US;
+            vctx.deadline_mono_us = ctx->deadline_mono_us - left + budget;
+        }
+        if (left / 2 < VOID_DECLINED_MIN_US || pay->cancel(pay->self, &vctx, o) != ORDER_OK)
             notice(svc, "the declined payment could not be voided; it stays open at the provider",
                    o, ctx->err);
         order_error_reset(ctx->err);

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <cmocka.h>
 
 #include "unit/fakes.h"
@@ -215,6 +216,27 @@ static void test_place_declined_when_the_void_fails(void **state)
     assert_int_equal(env->stripe->calls[FAKE_PAY_CANCEL], 1);
     assert_int_equal(env->store->orders[0].status, ORDER_STATUS_FAILED);
     assert_string_equal(env->store->orders[0].cancel_reason, "payment declined: lost_card");
+}
+
+/* With little of the call's time left, closing the declined intent is not even tried: the
+ * caller gets the decline in time (the intent stays open; a late payment is refunded). */
+static void test_place_declined_with_little_time_left_skips_the_void(void **state)
+{
+    fake_env *env = *state;
+    order_line_cmd line = {"apple", 1};
+    order_place_cmd cmd = stripe_cmd("pm-declined-3", &line, "pm_declined:card_declined");
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    env->ctx.deadline_mono_us = (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000 + 300 * 1000;
+    order_t o = {0};
+    order_payment_action a;
+    bool replayed;
+    assert_int_equal(order_place(&env->svc, &env->ctx, &cmd, &o, &a, &replayed),
+                     ORDER_EPRECONDITION);
+    assert_string_equal(env->err.reason, "PAYMENT_DECLINED");
+    assert_string_equal(meta(&env->err, "decline_code"), "card_declined");
+    assert_int_equal(env->stripe->calls[FAKE_PAY_CANCEL], 0);
+    assert_int_equal(env->store->orders[0].status, ORDER_STATUS_FAILED);
 }
 
 /* A saved method goes to the provider with the customer it is saved to; the customer is
@@ -570,6 +592,7 @@ int main(void)
         T(test_place_while_the_charge_is_processing),
         T(test_place_payment_method_needs_stripe),
         T(test_place_declined_when_the_void_fails),
+        T(test_place_declined_with_little_time_left_skips_the_void),
         T(test_place_passes_the_customer_of_a_saved_method),
         T(test_place_customer_needs_a_payment_method),
         T(test_confirm_on_a_cancelled_order_refunds_the_payment),
