@@ -19,6 +19,7 @@
 #include <cmocka.h>
 
 #include "amqptest.h"
+#include "live.h"
 #include "common/clock.h"
 #include "fixture.h"
 #include "storage/pgtest.h"
@@ -58,17 +59,9 @@ static int setup(void **state)
     return 0;
 }
 
-/* Relays a test started and has not stopped: a failed assertion jumps straight to
- * teardown, which stops them, so a failing test cannot leave a relay publishing the next
- * test's rows. */
-static amqp_relay *LIVE[4];
-static void stop_relay(amqp_relay *r);
-
 static int teardown(void **state)
 {
-    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
-        if (LIVE[i])
-            stop_relay(LIVE[i]);
+    live_relays_stop_all();
     amqpt_delete_queue(RAW, SQ);
     amqpt_delete_queue(RAW, OQ);
     amqpt_delete_exchange(RAW, EX);
@@ -77,32 +70,9 @@ static int teardown(void **state)
     return 0;
 }
 
-static amqp_relay *start_on(const amqp_settings *s, const char *dsn, int64_t stmt_timeout_us)
-{
-    amqp_relay *r = NULL;
-    char err[256] = "";
-    if (amqp_relay_start(s, dsn, stmt_timeout_us, &r, err, sizeof err) != 0)
-        fail_msg("amqp_relay_start: %s", err);
-    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
-        if (!LIVE[i]) {
-            LIVE[i] = r;
-            return r;
-        }
-    fail_msg("more relays than LIVE holds");
-    return NULL;
-}
-
-static void stop_relay(amqp_relay *r)
-{
-    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
-        if (LIVE[i] == r)
-            LIVE[i] = NULL;
-    amqp_relay_stop(r);
-}
-
 static amqp_relay *start(const amqp_settings *s)
 {
-    return start_on(s, pgt_dsn(), 5 * 1000000);
+    return live_relay_start(s, pgt_dsn(), 5 * 1000000);
 }
 
 static amqp_relay_stats stats_of(amqp_relay *r)
@@ -267,7 +237,7 @@ static void test_publishes_every_event_with_its_properties(void **state)
     assert_int_equal(st.nacked + st.unroutable + st.timeouts, 0);
     assert_true(st.connected);
     int64_t t0 = clock_mono_us();
-    stop_relay(r);
+    live_relay_stop(r);
     assert_true(clock_mono_us() - t0 < 3 * 1000000);
     order_clear(&a);
     order_clear(&b);
@@ -289,7 +259,7 @@ static void test_notify_wakes_an_idle_relay(void **state)
     assert_true(amqpt_wait(all_sent, NULL, 5 * 1000000));
     assert_true(clock_mono_us() - t0 < 3 * 1000000);
     assert_int_equal(stats_of(r).published, 2);
-    stop_relay(r);
+    live_relay_stop(r);
     order_clear(&a);
 }
 
@@ -308,7 +278,7 @@ static void test_heartbeats_keep_an_idle_connection(void **state)
     assert_int_equal(st.reconnects, 0); /* the same connection all along */
     assert_true(st.connected);
     assert_int_equal(st.published, 2);
-    stop_relay(r);
+    live_relay_stop(r);
     order_clear(&a);
 }
 
@@ -351,7 +321,7 @@ static void test_unreachable_broker_keeps_rows_then_drains(void **state)
     w.want = 8;
     assert_true(amqpt_wait(backlog_is, &w, 5 * 1000000));
     int64_t t0 = clock_mono_us();
-    stop_relay(r); /* promptly, even while reconnecting */
+    live_relay_stop(r); /* promptly, even while reconnecting */
     assert_true(clock_mono_us() - t0 < 2 * 1000000);
 
     r = start(&SET);
@@ -366,7 +336,7 @@ static void test_unreachable_broker_keeps_rows_then_drains(void **state)
     size_t n = collect(msgs, 16, 1000000);
     assert_int_equal(n, 8);
     check_messages(msgs, n, EX);
-    stop_relay(r);
+    live_relay_stop(r);
     order_clear(&a);
     order_clear(&b);
     order_clear(&c);
@@ -431,7 +401,7 @@ static void test_unroutable_family_backs_off_while_the_other_flows(void **state)
     assert_int_equal(n, 3);
     check_messages(msgs, n, EX);
     assert_int_equal(stats_of(r).published, 6);
-    stop_relay(r);
+    live_relay_stop(r);
     order_clear(&a);
     order_clear(&b);
 }
@@ -475,8 +445,8 @@ static void test_two_relays_share_the_outbox(void **state)
     free(msgs);
     amqp_relay_stats s1 = stats_of(r1), s2 = stats_of(r2);
     assert_int_equal(s1.published + s2.published, WRITER_ORDERS * 5);
-    stop_relay(r1);
-    stop_relay(r2);
+    live_relay_stop(r1);
+    live_relay_stop(r2);
 }
 
 static void test_quorum_queues_and_a_queue_declared_otherwise(void **state)
@@ -498,7 +468,7 @@ static void test_quorum_queues_and_a_queue_declared_otherwise(void **state)
     size_t n = collect(msgs, 4, 1000000);
     assert_int_equal(n, 2);
     check_messages(msgs, n, EX);
-    stop_relay(r);
+    live_relay_stop(r);
     order_clear(&a);
 }
 
@@ -517,7 +487,7 @@ static void test_prunes_published_rows(void **state)
     assert_true(amqpt_wait(pruned, NULL, 10 * 1000000));
     assert_int_equal(stats_of(r).pruned, 4);
     assert_int_equal(stats_of(r).published, 4);
-    stop_relay(r);
+    live_relay_stop(r);
     order_clear(&a);
 }
 
@@ -566,7 +536,7 @@ static void test_silent_broker_is_given_up_and_retried(void **state)
     amqpt_proxy_freeze(px, true);
     usleep(200 * 1000);
     int64_t t0 = clock_mono_us();
-    stop_relay(r);
+    live_relay_stop(r);
     assert_true(clock_mono_us() - t0 < 3 * 1000000);
     amqpt_proxy_stop(px);
     order_clear(&a);
@@ -608,7 +578,7 @@ static void test_silent_postgres_keeps_the_relay_responsive(void **state)
     dsn_via(dsn, sizeof dsn, 0, host, sizeof host, &pgport);
     amqpt_proxy *px = amqpt_proxy_start(host, pgport);
     dsn_via(dsn, sizeof dsn, amqpt_proxy_port(px), host, sizeof host, &pgport);
-    amqp_relay *r = start_on(&SET, dsn, 1000000);
+    amqp_relay *r = live_relay_start(&SET, dsn, 1000000);
     assert_true(amqpt_wait(is_connected, r, 10 * 1000000));
     usleep(300 * 1000);
 
@@ -624,7 +594,7 @@ static void test_silent_postgres_keeps_the_relay_responsive(void **state)
     amqpt_proxy_freeze(px, true);
     usleep(500 * 1000); /* mid-call on the silent server, most likely */
     int64_t t0 = clock_mono_us();
-    stop_relay(r);
+    live_relay_stop(r);
     assert_true(clock_mono_us() - t0 < 5 * 1000000);
     amqpt_proxy_stop(px);
     order_clear(&a);

@@ -29,6 +29,7 @@
 
 #include "amqp/conn.h"
 #include "amqptest.h"
+#include "live.h"
 #include "common/clock.h"
 #include "fixture.h"
 #include "storage/pgtest.h"
@@ -154,24 +155,13 @@ static int setup(void **state)
     return 0;
 }
 
-/* Relays and consumers a test started and has not stopped: a failed assertion jumps
- * straight to teardown, which stops them. */
-static amqp_relay *LIVE[4];
+/* The consumer a test started and has not stopped (relays: live.h): a failed assertion
+ * jumps straight to teardown, which stops it. */
 static amqp_consumer *LIVE_CONSUMER;
-
-static void stop_relay(amqp_relay *r)
-{
-    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
-        if (LIVE[i] == r)
-            LIVE[i] = NULL;
-    amqp_relay_stop(r);
-}
 
 static int teardown(void **state)
 {
-    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
-        if (LIVE[i])
-            stop_relay(LIVE[i]);
+    live_relays_stop_all();
     if (LIVE_CONSUMER)
         amqp_consumer_stop(LIVE_CONSUMER);
     LIVE_CONSUMER = NULL;
@@ -189,17 +179,7 @@ static int teardown(void **state)
 
 static amqp_relay *start(const amqp_settings *s)
 {
-    amqp_relay *r = NULL;
-    char err[256] = "";
-    if (amqp_relay_start(s, pgt_dsn(), 5 * S_US, &r, err, sizeof err) != 0)
-        fail_msg("amqp_relay_start: %s", err);
-    for (size_t i = 0; i < sizeof LIVE / sizeof LIVE[0]; i++)
-        if (!LIVE[i]) {
-            LIVE[i] = r;
-            return r;
-        }
-    fail_msg("more relays than LIVE holds");
-    return NULL;
+    return live_relay_start(s, pgt_dsn(), 5 * S_US);
 }
 
 static amqp_relay_stats stats_of(amqp_relay *r)
@@ -256,7 +236,7 @@ static void relay_roundtrip(const amqp_settings *s)
     assert_int_equal(st.nacked + st.unroutable + st.timeouts, 0);
     expect_delivered(2);
     int64_t t0 = clock_mono_us();
-    stop_relay(r);
+    live_relay_stop(r);
     assert_true(clock_mono_us() - t0 < 3 * S_US);
     order_clear(&a);
 }
@@ -424,7 +404,7 @@ static void relay_refused(amqp_settings *bad, const char *reason, const char *or
     free(log);
 
     t0 = clock_mono_us();
-    stop_relay(r);
+    live_relay_stop(r);
     assert_true(clock_mono_us() - t0 < 2 * S_US);
     capture_end();
     amqpt_proxy_stop(px);
@@ -433,7 +413,7 @@ static void relay_refused(amqp_settings *bad, const char *reason, const char *or
     assert_true(amqpt_wait(all_sent, NULL, 15 * S_US));
     assert_int_equal(stats_of(r).published, 2);
     expect_delivered(2);
-    stop_relay(r);
+    live_relay_stop(r);
     order_clear(&a);
 }
 
@@ -544,7 +524,7 @@ static void test_silent_broker_over_tls_is_given_up_and_retried(void **state)
     amqpt_proxy_freeze(px, true);
     usleep(200 * 1000);
     int64_t t0 = clock_mono_us();
-    stop_relay(r);
+    live_relay_stop(r);
     assert_true(clock_mono_us() - t0 < 3 * S_US);
     amqpt_proxy_stop(px);
     order_clear(&a);
@@ -565,7 +545,7 @@ static void test_heartbeats_keep_an_idle_tls_connection(void **state)
     assert_int_equal(st.reconnects, 0); /* the same connection all along */
     assert_true(st.connected);
     assert_int_equal(st.published, 2);
-    stop_relay(r);
+    live_relay_stop(r);
     order_clear(&a);
 }
 

@@ -125,6 +125,37 @@ static size_t on_data(char *p, size_t size, size_t n, void *ud)
     return size * n;
 }
 
+/* One request to the fake: method on path with headers h (taken) and body (POST: NULL =
+ * none); the parsed JSON answer, *status its HTTP status. */
+static json_t *request(const fakeproc *f, const char *method, const char *path,
+                       struct curl_slist *h, const char *body, long *status)
+{
+    char url[512];
+    snprintf(url, sizeof url, "%s%s", f->base, path);
+    CURL *c = curl_easy_init();
+    sink s = {0};
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT, 10L);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
+    if (strcmp(method, "POST") == 0)
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, body ? body : "");
+    else if (strcmp(method, "GET") != 0)
+        curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
+    long st = 0;
+    if (curl_easy_perform(c) == CURLE_OK)
+        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &st);
+    if (status)
+        *status = st;
+    json_t *out = s.data ? json_loads(s.data, 0, NULL) : NULL;
+    free(s.data);
+    curl_slist_free_all(h);
+    curl_easy_cleanup(c);
+    return out;
+}
+
 json_t *fake_call(const fakeproc *f, const char *method, const char *path, long *status,
                   const char *body_fmt, ...)
 {
@@ -136,62 +167,20 @@ json_t *fake_call(const fakeproc *f, const char *method, const char *path, long 
             body = NULL;
         va_end(ap);
     }
-    char url[512];
-    snprintf(url, sizeof url, "%s%s", f->base, path);
-    CURL *c = curl_easy_init();
-    sink s = {0};
     struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT, 10L);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
-    if (strcmp(method, "POST") == 0) {
-        curl_easy_setopt(c, CURLOPT_POSTFIELDS, body ? body : "{}");
-    } else if (strcmp(method, "GET") != 0) {
-        curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
-    }
-    long st = 0;
-    if (curl_easy_perform(c) == CURLE_OK)
-        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &st);
-    if (status)
-        *status = st;
-    json_t *out = s.data ? json_loads(s.data, 0, NULL) : NULL;
-    free(s.data);
+    json_t *out = request(f, method, path, h, body ? body : "{}", status);
     free(body);
-    curl_slist_free_all(h);
-    curl_easy_cleanup(c);
     return out;
 }
 
 json_t *fake_api_post(const fakeproc *f, const char *key, const char *path, const char *form,
                       long *status)
 {
-    char url[512], auth[256];
-    snprintf(url, sizeof url, "%s%s", f->base, path);
+    char auth[256];
     snprintf(auth, sizeof auth, "Authorization: Bearer %s", key);
-    CURL *c = curl_easy_init();
-    sink s = {0};
     struct curl_slist *h = curl_slist_append(NULL, auth);
     h = curl_slist_append(h, "Content-Type: application/x-www-form-urlencoded");
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT, 10L);
-    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
-    curl_easy_setopt(c, CURLOPT_POSTFIELDS, form);
-    long st = 0;
-    if (curl_easy_perform(c) == CURLE_OK)
-        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &st);
-    if (status)
-        *status = st;
-    json_t *out = s.data ? json_loads(s.data, 0, NULL) : NULL;
-    free(s.data);
-    curl_slist_free_all(h);
-    curl_easy_cleanup(c);
-    return out;
+    return request(f, "POST", path, h, form, status);
 }
 
 void fake_reset(const fakeproc *f)
