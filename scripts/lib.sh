@@ -14,6 +14,16 @@ STACK_RMQ_DIST_PORT=45672
 STACK_EPMD_PORT=54369
 STACK_RMQ_NODE=orderd@localhost
 
+# The provider fakes `scripts/run.sh --fake-providers` starts (tests/fakes), and the test
+# credentials it gives them and orderd. Test values only: real keys never live here.
+FAKE_STRIPE_PORT=58111
+FAKE_PAYPAL_PORT=58112
+FAKE_STRIPE_KEY=sk_test_orderd_fake
+FAKE_STRIPE_WEBHOOK_SECRET=whsec_orderd_fake
+FAKE_PAYPAL_CLIENT_ID=orderd-fake-client
+FAKE_PAYPAL_SECRET=orderd-fake-secret
+FAKE_PAYPAL_WEBHOOK_ID=WH-ORDERD-FAKE
+
 STACK_PG_DSN="host=127.0.0.1 port=$STACK_PG_PORT dbname=orderd user=orderd"
 STACK_REDIS="127.0.0.1:$STACK_REDIS_PORT"
 STACK_AMQP_URL="amqp://guest:guest@127.0.0.1:$STACK_AMQP_PORT/"

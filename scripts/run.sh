@@ -11,8 +11,28 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ORDERD_ROOT"
 
+usage() {
+  cat <<'EOF2'
+usage: scripts/run.sh [--fake-providers]
+
+  --fake-providers  also start the local Stripe and PayPal fakes of tests/fakes on
+                    127.0.0.1:58111 and 127.0.0.1:58112 and point orderd at them (no
+                    account, no network): PAYMENT_PROVIDER_STRIPE and _PAYPAL then work,
+                    and scripts/send-webhook delivers their signed webhooks.
+EOF2
+}
+FAKES=0
+for arg in "$@"; do
+  case "$arg" in
+  --fake-providers) FAKES=1 ;;
+  -h | --help) usage; exit 0 ;;
+  *) usage >&2; exit 2 ;;
+  esac
+done
+
 CONFIG=config.yaml
 ORDERD_PID=""
+FAKE_PIDS=() # the provider fakes this script started
 STACK_STARTED="" # components this script started, hence stops
 STACK_CHECKED=0  # set once STACK_STARTED is known
 
@@ -33,6 +53,9 @@ cleanup() {
     for ((i = 0; i < 300; i++)); do orderd_alive || break; sleep 0.1; done
     if orderd_alive; then kill -KILL "$ORDERD_PID" 2>/dev/null || true; fi
   fi
+  for i in "${FAKE_PIDS[@]}"; do
+    kill -TERM "$i" 2>/dev/null && wait "$i" 2>/dev/null
+  done
   if [ -n "$STACK_STARTED" ]; then
     log "run: stopping the local stack ($STACK_STARTED)"
     # shellcheck disable=SC2086 # a list of component names
@@ -55,6 +78,23 @@ on_signal() {
     exit "$code"
   fi
 }
+# start_fake NAME PORT ARGS...: runs tests/fakes/fake_NAME.py on 127.0.0.1:PORT in a
+# session of its own (Ctrl-C reaches it only through cleanup, after orderd has drained)
+# and waits until it listens.
+start_fake() {
+  local name=$1 port=$2 out="$ORDERD_LOCAL/run/fake-$1.log" i
+  shift 2
+  mkdir -p "$ORDERD_LOCAL/run"
+  setsid /usr/bin/python3 tests/fakes/fake_"$name".py --port "$port" "$@" >"$out" 2>&1 &
+  FAKE_PIDS+=("$!")
+  for ((i = 0; i < 100; i++)); do
+    grep -q '^LISTENING' "$out" 2>/dev/null && { log "fake $name: http://127.0.0.1:$port"; return 0; }
+    kill -0 "${FAKE_PIDS[-1]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  die "the $name fake did not start on 127.0.0.1:$port (is the port taken?): $(tail -n 3 "$out")"
+}
+
 trap cleanup EXIT
 # A dead reader of our output (`scripts/run.sh | tee log`, then Ctrl-C kills tee) must
 # not kill this script by SIGPIPE before it has stopped orderd and the stack.
@@ -85,7 +125,26 @@ build/orderd migrate --config "$CONFIG"
   -f scripts/demo-products.sql
 stage_end ok
 
+if [ "$FAKES" = 1 ]; then
+  stage_begin "provider fakes (tests/fakes)"
+  start_fake stripe "$FAKE_STRIPE_PORT" --key "$FAKE_STRIPE_KEY"
+  start_fake paypal "$FAKE_PAYPAL_PORT" --client-id "$FAKE_PAYPAL_CLIENT_ID" \
+    --client-secret "$FAKE_PAYPAL_SECRET" --webhook-id "$FAKE_PAYPAL_WEBHOOK_ID"
+  # The fakes' test credentials, handed to orderd the way real ones are: the environment.
+  export ORDERD_PAYMENTS_STRIPE_ENABLED=true \
+    ORDERD_PAYMENTS_STRIPE_API_BASE="http://127.0.0.1:$FAKE_STRIPE_PORT" \
+    ORDERD_PAYMENTS_STRIPE_SECRET_KEY="$FAKE_STRIPE_KEY" \
+    ORDERD_PAYMENTS_STRIPE_WEBHOOK_SECRET="$FAKE_STRIPE_WEBHOOK_SECRET" \
+    ORDERD_PAYMENTS_PAYPAL_ENABLED=true \
+    ORDERD_PAYMENTS_PAYPAL_API_BASE="http://127.0.0.1:$FAKE_PAYPAL_PORT" \
+    ORDERD_PAYMENTS_PAYPAL_CLIENT_ID="$FAKE_PAYPAL_CLIENT_ID" \
+    ORDERD_PAYMENTS_PAYPAL_CLIENT_SECRET="$FAKE_PAYPAL_SECRET" \
+    ORDERD_PAYMENTS_PAYPAL_WEBHOOK_ID="$FAKE_PAYPAL_WEBHOOK_ID"
+  stage_end ok
+fi
+
 listen=${ORDERD_SERVER_LISTEN:-$(awk '/^server:/ {s = 1} s && $1 == "listen:" {print $2; exit}' "$CONFIG")}
+http_listen=${ORDERD_HTTP_LISTEN:-$(awk '/^http:/ {s = 1} s && $1 == "listen:" {print $2; exit}' "$CONFIG")}
 cat >&2 <<EOF
 
 orderd is starting on $listen. In another terminal (grpcurl is not packaged by Debian:
@@ -98,15 +157,27 @@ https://github.com/fullstorydev/grpcurl/releases):
     -d '{"request_id": "demo-1", "items": [{"product_id": "sku-espresso", "quantity": 2}], "payment_provider": "PAYMENT_PROVIDER_LOCAL"}' \\
     $listen orders.v1.OrderService/PlaceOrder
 
-Metrics and health: curl http://127.0.0.1:58080/metrics, curl http://127.0.0.1:58080/healthz
-(webhooks: POST /webhooks/stripe and /webhooks/paypal on the same port, once a provider is
-enabled in config.yaml). Events go to the exchange orderd.events on the stack's RabbitMQ
-(amqp://guest:guest@127.0.0.1:55672/): queues inventory.stock and notifications.orders.
+Metrics and health: curl http://$http_listen/metrics, curl http://$http_listen/healthz
+(webhooks: POST /webhooks/stripe and /webhooks/paypal on the same port, once a provider
+is enabled in config.yaml or by --fake-providers). Events go to the exchange orderd.events
+on the stack's RabbitMQ (amqp://guest:guest@127.0.0.1:55672/): queues inventory.stock and
+notifications.orders.
 
 Demo products: scripts/demo-products.sql. Ctrl-C stops orderd (and the stack, if this
 script started it).
 
 EOF
+if [ "$FAKES" = 1 ]; then
+  cat >&2 <<EOF
+Stripe and PayPal are the local fakes (http://127.0.0.1:$FAKE_STRIPE_PORT, http://127.0.0.1:$FAKE_PAYPAL_PORT).
+The customer pays:  curl -s -XPOST 127.0.0.1:$FAKE_STRIPE_PORT/_fake/pay -d '{"id":"pi_..."}'
+                    curl -s -XPOST 127.0.0.1:$FAKE_PAYPAL_PORT/_fake/pay -d '{"id":"<PayPal order id>"}'
+then ConfirmPayment, or the provider tells orderd:
+                    scripts/send-webhook stripe payment_intent.succeeded pi_...
+README.md ("Stripe and PayPal on this machine") walks through it.
+
+EOF
+fi
 
 # A session of its own: the terminal's Ctrl-C reaches this script only, which hands it on.
 # env --default-signal: bash starts background commands with SIGINT ignored; undo that.
