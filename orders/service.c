@@ -1228,6 +1228,23 @@ int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_pa
     return rc;
 }
 
+/* Drops an incomplete UTF-8 sequence that a byte-bounded cut (%.Ns) left at the end of s,
+ * so that the text stays valid for PostgreSQL. s is valid UTF-8 up to the cut. */
+static void utf8_trim_cut(char *s)
+{
+    size_t n = strlen(s), i = n, cont = 0;
+    while (i > 0 && cont < 3 && ((unsigned char)s[i - 1] & 0xC0) == 0x80) {
+        i--;
+        cont++;
+    }
+    if (i == 0)
+        return;
+    unsigned char lead = (unsigned char)s[i - 1];
+    size_t want = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
+    if (lead >= 0xC0 && cont < want)
+        s[i - 1] = '\0';
+}
+
 int order_apply_stock_reply(order_service *svc, order_ctx *ctx, const order_stock_reply *r)
 {
     order_error *e = ctx->err;
@@ -1256,6 +1273,7 @@ int order_apply_stock_reply(order_service *svc, order_ctx *ctx, const order_stoc
     char reason[ORDER_REASON_MAX + 1];
     snprintf(reason, sizeof reason, "stock rejected: %.470s",
              r->reason && *r->reason ? r->reason : "no reason given");
+    utf8_trim_cut(reason);
     order_transition t = {
         .order_id = r->order_id,
         .from_set = ORDER_STATUS_BIT(ORDER_STATUS_PENDING),

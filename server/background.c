@@ -352,6 +352,11 @@ static int on_stock_reply(void *arg, const order_stock_reply *r)
         return ORDER_EINTERNAL;
     order_ctx ctx = srv_bg_ctx(bg, err, BG_CALL_TIMEOUT_US);
     int rc = order_apply_stock_reply(srv_bg_service(bg), &ctx, r);
+    /* INVALID_ARGUMENT without a field at fault is the database refusing a reply that
+     * passed every check: not "ignore it" (the consumer acknowledges an unknown order),
+     * but a failure to keep in the dead-letter queue. */
+    if (rc == ORDER_EINVAL && err->nviolations == 0)
+        rc = ORDER_EINTERNAL;
     log_level lvl = rc == ORDER_OK || rc == ORDER_EDUPLICATE ? LOG_INFO : LOG_WARN;
     log_kv(lvl, "inventory reply", LOG_F_STR, "event_id", r->id, LOG_F_STR, "type",
            r->rejected ? "stock.rejected" : "stock.reserved", LOG_F_STR, "order_id", r->order_id,

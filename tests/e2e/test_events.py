@@ -1110,3 +1110,20 @@ def test_unroutable_family_is_retried_and_holds_up_only_itself(orderd, iso_db):
     finally:
         rec.stop()
         drop_own_topology(topo)
+
+
+def test_stock_rejected_with_long_multibyte_reason_fails_the_order(orderd, bus, customer):
+    """A valid 471-byte UTF-8 reason (the limit is 500) must not be cut mid-character on
+    its way into cancel_reason: PostgreSQL would refuse it and the reply be dropped."""
+    r = orderd.place(customer, [(orderd.pid("gadget"), 1)])
+    oid = r.order.order_id
+    _wait_events(bus, oid, 1, 1, quiet=0)
+    reason = "a" + "\u00e9" * 235
+    assert len(reason.encode()) == 471
+    _reply(bus, "stock.rejected", oid, reason)
+
+    def failed():
+        o = orderd.get(customer, oid)
+        return o if o.status == pb.ORDER_STATUS_FAILED else None
+    o = wait_until(failed, 15, "order FAILED after a stock.rejected with a 471-byte reason")
+    assert o.cancel_reason.startswith("stock rejected: a\u00e9")

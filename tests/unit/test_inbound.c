@@ -673,6 +673,31 @@ static void test_stock_rejected_fails_the_order_and_voids(void **state)
     assert_string_equal(stored(env, other)->cancel_reason, "stock rejected: no reason given");
 }
 
+/* A long reason is cut to fit cancel_reason at a character boundary: PostgreSQL refuses
+ * text that ends in half a UTF-8 sequence, which would lose the rejection. */
+static void test_stock_rejected_long_reason_cut_between_characters(void **state)
+{
+    fake_env *env = *state;
+    static const char *const chars[] = {"\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x8d\x8e"};
+    for (size_t c = 0; c < sizeof chars / sizeof chars[0]; c++) {
+        for (size_t lead = 0; lead < 4; lead++) { /* every alignment of the cut */
+            char reason[ORDER_REASON_MAX + 1] = "";
+            memset(reason, 'a', lead);
+            while (strlen(reason) + strlen(chars[c]) <= ORDER_REASON_MAX)
+                strcat(reason, chars[c]);
+            char id[ORDER_ID_LEN + 1], rid[32];
+            place(env, id);
+            snprintf(rid, sizeof rid, "msg-cut-%zu-%zu", c, lead);
+            assert_int_equal(reply(env, rid, true, id, reason), ORDER_OK);
+            const char *got = stored(env, id)->cancel_reason;
+            size_t n = strlen(got), tail = strlen(chars[c]);
+            assert_true(n <= ORDER_REASON_MAX && n > 400);
+            /* Ends with a whole character: the last bytes are one full sequence. */
+            assert_memory_equal(got + n - tail, chars[c], tail);
+        }
+    }
+}
+
 static void test_stock_rejected_void_fails_left_for_settle_due(void **state)
 {
     fake_env *env = *state;
@@ -814,6 +839,7 @@ int main(void)
         T(test_stock_rejected_fails_the_order_and_voids),
         T(test_stock_rejected_void_fails_left_for_settle_due),
         T(test_stock_reserved_records_the_time),
+        T(test_stock_rejected_long_reason_cut_between_characters),
         T(test_stock_reply_malformed),
         T(test_stock_rejected_after_payment_cancels_and_refunds),
         T(test_stock_rejected_after_reserved_or_shipped_changes_nothing),
