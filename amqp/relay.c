@@ -403,17 +403,17 @@ static bool relay_round(struct amqp_relay *r)
     int64_t t0 = clock_mono_us();
     int rc = store_outbox_claim(r->store, &ctx, r->s.relay_batch, r->claim_us, &rows, &n);
     /* A slow claim means a plan made from statistics that do not know the backlog (see
-     * store_outbox_analyze): refresh them, at most every few seconds. */
-    if (clock_mono_us() - t0 > SLOW_CLAIM_US &&
-        clock_mono_us() - r->analyzed_at_us > ANALYZE_GAP_US)
+     * store_outbox_analyze): refresh them, at most every few seconds. Only after the
+     * claimed rows are published: the lease is sized for publishing, not for an ANALYZE
+     * too, and a lease run out lets another relay publish the same head first. */
+    bool slow = clock_mono_us() - t0 > SLOW_CLAIM_US;
+    if (rc == ORDER_OK && n > 0) {
+        publish_batch(r, rows, n);
+        store_outbox_rows_free(rows, n);
+    }
+    if (slow && clock_mono_us() - r->analyzed_at_us > ANALYZE_GAP_US)
         relay_analyze(r, -1, "slow claim");
-    if (rc != ORDER_OK)
-        return false;
-    if (n == 0)
-        return false;
-    publish_batch(r, rows, n);
-    store_outbox_rows_free(rows, n);
-    return r->up;
+    return rc == ORDER_OK && n > 0 && r->up;
 }
 
 /* ---- gauges and pruning ---- */
