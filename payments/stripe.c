@@ -310,6 +310,14 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_s
         goto done;
     }
     const char *param = pay__jstr(error_of(root), "param");
+    const char *ecode = pay__jstr(error_of(root), "code");
+    if (r.status == 400 && ecode &&
+        (strcmp(ecode, "amount_too_small") == 0 || strcmp(ecode, "amount_too_large") == 0)) {
+        /* No retry can succeed: the order must not stay PENDING (holding stock) and the
+         * caller must not see INTERNAL. Reported as a refusal the domain fails the order on. */
+        rc = declined(ctx, "refused", error_of(root), "stripe refused the amount");
+        goto done;
+    }
     if (charge && (r.status == 400 || r.status == 404) && param &&
         (strcmp(param, "payment_method") == 0 || strcmp(param, "customer") == 0)) {
         log_kv(LOG_INFO, "stripe refused a saved payment method", LOG_F_STR, "order_id", o->id,

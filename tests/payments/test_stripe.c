@@ -267,8 +267,10 @@ static void test_400_is_not_retried(void **state)
     order_payment_info paid;
     order_error e;
     fake_order(&o, "EUR", 10); /* below Stripe's minimum: amount_too_small */
-    assert_int_equal(create(&o, NULL, &a, &paid, &e), ORDER_EINTERNAL);
-    assert_non_null(strstr(e.message, "amount_too_small"));
+    /* Refused for good: a refusal the domain fails the order on, not INTERNAL. */
+    assert_int_equal(create(&o, NULL, &a, &paid, &e), ORDER_EPRECONDITION);
+    assert_string_equal(e.reason, "PAYMENT_DECLINED");
+    assert_non_null(strstr(e.message, "at least"));
     json_t *reqs = fake_requests(&F, "POST", "/v1/payment_intents");
     assert_int_equal(json_array_size(reqs), 1);
     json_decref(reqs);
