@@ -575,6 +575,37 @@ int order_list(order_service *svc, order_ctx *ctx, const order_list_cmd *cmd, or
 
 /* ---- cancel ---- */
 
+/* Records a settled payment (VOIDED, or REFUNDED with its refund id) on an order that is
+ * over. A void is recorded only over a payment still PENDING: if a confirmation recorded
+ * the money meanwhile, it must stay SUCCEEDED so that it is refunded (now or by the
+ * sweeper), never hidden under VOIDED. Someone else's record of it first is the answer. */
+static int record_settled(order_service *svc, order_ctx *ctx, order_t *o, order_pay_status st,
+                          const char *refund_id)
+{
+    order_amendment a = {.order_id = o->id, .pay_status = st};
+    a.pay_from_set = st == ORDER_PAY_VOIDED
+                         ? ORDER_PAY_BIT(ORDER_PAY_PENDING)
+                         : ORDER_PAY_BIT(ORDER_PAY_PENDING) | ORDER_PAY_BIT(ORDER_PAY_SUCCEEDED);
+    if (st == ORDER_PAY_REFUNDED) {
+        a.refund_id = refund_id;
+        a.refunded_at_us = now_us();
+    }
+    order_t updated = {0};
+    int rc = svc->store.order_amend(svc->store.self, ctx, &a, &updated);
+    if (rc == ORDER_EPRECONDITION)
+        order_error_reset(ctx->err);
+    else if (rc != ORDER_OK)
+        return rc;
+    order_replace(o, &updated);
+    return ORDER_OK;
+}
+
+/* The provider's refusal to void because the payment succeeded (refund it instead). */
+static bool already_succeeded(int rc, const order_error *e)
+{
+    return rc == ORDER_EPRECONDITION && strcmp(e->reason, "PAYMENT_ALREADY_SUCCEEDED") == 0;
+}
+
 /* Settles the payment of a cancelled, expired or failed order: refund what was paid, void
  * what was not. Idempotent (the provider calls are keyed by the order, the record is a
  * conditional update), so a retry, or order_settle_due, finishes what a failure left. */
@@ -582,49 +613,35 @@ static int settle_payment(order_service *svc, order_ctx *ctx, order_t *o)
 {
     order_payments *pay = provider_of(svc, o->pay_provider);
     char refund_id[ORDER_REFERENCE_MAX + 1] = "";
-    order_amendment a = {.order_id = o->id};
     int rc;
-    if (o->pay_status == ORDER_PAY_SUCCEEDED) {
-        if (!pay)
-            return order_fail(ctx->err, ORDER_EUNAVAILABLE,
-                              "the order's payment provider is not configured; cannot refund");
-        rc = pay->refund(pay->self, ctx, o, refund_id);
-        a.pay_status = ORDER_PAY_REFUNDED;
-    } else if (o->pay_status == ORDER_PAY_PENDING) {
+    if (o->pay_status == ORDER_PAY_PENDING) {
         if (!pay)
             return ORDER_OK; /* nothing was taken; nothing to give back */
         rc = pay->cancel(pay->self, ctx, o);
-        a.pay_status = ORDER_PAY_VOIDED;
-        if (rc == ORDER_EPRECONDITION) {
-            /* The payment succeeded meanwhile (a confirmation raced the cancel): the
-             * order stays as it is and the money goes back. */
+        if (rc == ORDER_OK)
+            return record_settled(svc, ctx, o, ORDER_PAY_VOIDED, NULL);
+        if (rc == ORDER_EPRECONDITION && !already_succeeded(rc, ctx->err)) {
+            /* Neither voidable nor refundable yet (Stripe: processing): it stays PENDING,
+             * and order_settle_due tries again once the provider has decided. */
+            notice(svc, "the payment is still being processed; it is settled later", o, ctx->err);
             order_error_reset(ctx->err);
-            rc = pay->refund(pay->self, ctx, o, refund_id);
-            a.pay_status = ORDER_PAY_REFUNDED;
+            return ORDER_OK;
         }
-    } else {
+        if (!already_succeeded(rc, ctx->err))
+            return rc;
+        /* The payment succeeded meanwhile (a confirmation raced the cancel): the order
+         * stays as it is and the money goes back. */
+        order_error_reset(ctx->err);
+    } else if (o->pay_status != ORDER_PAY_SUCCEEDED) {
         return ORDER_OK; /* no payment, or already refunded / voided / failed */
     }
+    if (!pay)
+        return order_fail(ctx->err, ORDER_EUNAVAILABLE,
+                          "the order's payment provider is not configured; cannot refund");
+    rc = pay->refund(pay->self, ctx, o, refund_id);
     if (rc != ORDER_OK)
         return rc;
-    /* A void is recorded only over a payment still PENDING: if a confirmation recorded the
-     * money meanwhile, it must stay SUCCEEDED so that it is refunded (now or by the
-     * sweeper), never hidden under VOIDED. */
-    a.pay_from_set = a.pay_status == ORDER_PAY_VOIDED
-                         ? ORDER_PAY_BIT(ORDER_PAY_PENDING)
-                         : ORDER_PAY_BIT(ORDER_PAY_PENDING) | ORDER_PAY_BIT(ORDER_PAY_SUCCEEDED);
-    if (a.pay_status == ORDER_PAY_REFUNDED) {
-        a.refund_id = refund_id;
-        a.refunded_at_us = now_us();
-    }
-    order_t updated = {0};
-    rc = svc->store.order_amend(svc->store.self, ctx, &a, &updated);
-    if (rc == ORDER_EPRECONDITION) /* settled by someone else meanwhile: that is the answer */
-        order_error_reset(ctx->err);
-    else if (rc != ORDER_OK)
-        return rc;
-    order_replace(o, &updated);
-    return ORDER_OK;
+    return record_settled(svc, ctx, o, ORDER_PAY_REFUNDED, refund_id);
 }
 
 int order_cancel(order_service *svc, order_ctx *ctx, const char *order_id, const char *reason,
@@ -788,8 +805,7 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
     /* One payment per order, and orderd made it: a reference other than the order's own is
      * refused before the provider hears of it (for PayPal, asking means capturing, and a
      * caller must never capture another order's approved payment through this one). */
-    if (cur.pay_reference[0] && strcmp(cur.pay_reference, reference) != 0 &&
-        cur.status == ORDER_STATUS_PENDING) {
+    if (cur.pay_reference[0] && strcmp(cur.pay_reference, reference) != 0) {
         snprintf(e->reason, sizeof e->reason, "PAYMENT_REFERENCE_MISMATCH");
         rc = order_fail(e, ORDER_EPRECONDITION,
                         "%s is not the payment of this order: confirm with the reference "
@@ -812,6 +828,23 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
                         order_provider_name(provider));
         order_clear(&cur);
         return rc;
+    }
+    if (late) {
+        /* The order is over: nothing may be taken for it now, so the payment is voided
+         * rather than verified (for PayPal, verifying is capturing: charging the payer).
+         * Only a payment that already succeeded is verified below, recorded and refunded. */
+        rc = pay->cancel(pay->self, ctx, &cur);
+        if (rc == ORDER_OK)
+            rc = record_settled(svc, ctx, &cur, ORDER_PAY_VOIDED, NULL);
+        if (rc == ORDER_OK || (rc == ORDER_EPRECONDITION && !already_succeeded(rc, e))) {
+            order_error_reset(e);
+            rc = fail_status(ctx, &cur, "confirm the payment");
+        }
+        if (!already_succeeded(rc, e)) {
+            order_clear(&cur);
+            return rc;
+        }
+        order_error_reset(e);
     }
     /* Never trust the caller: the provider says whether this payment succeeded. */
     order_payment_info info = {0};

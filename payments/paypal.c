@@ -460,7 +460,31 @@ static int pp_verify(void *self, order_ctx *ctx, const order_t *o, const char *r
     snprintf(rid, sizeof rid, "orderd-capture-%s", o->id);
     pay__http_resp r;
     json_t *root = NULL;
-    int rc = call(p, ctx, "POST", path, "{}", rid, &r, &root);
+    /* Capturing is charging: first make sure the PayPal order is this order's, so that no
+     * caller can capture another order's approved payment through this one. */
+    int rc = get_order(p, ctx, reference, &r, &root);
+    if (rc != ORDER_OK)
+        goto done;
+    if (r.status == 404) {
+        rc = pay__refuse(ctx, "PAYMENT_NOT_FOUND", "paypal has no order %s", reference);
+        goto done;
+    }
+    if (r.status != 200) {
+        rc = fail(p, ctx, &r, root, "read an order");
+        goto done;
+    }
+    const char *owner = pay__jstr(first_unit(root), "custom_id");
+    if (!owner || strcasecmp(owner, o->id) != 0) {
+        rc = pay__refuse(ctx, "PAYMENT_MISMATCH", "PayPal order %s does not pay order %s: %s",
+                         reference, o->id, "it belongs to another order");
+        order_error_meta(ctx->err, "provider_status", "%s",
+                         pay__jstr(root, "status") ? pay__jstr(root, "status") : "unknown");
+        goto done;
+    }
+    json_decref(root);
+    root = NULL;
+    pay__http_resp_clear(&r);
+    rc = call(p, ctx, "POST", path, "{}", rid, &r, &root);
     if (rc != ORDER_OK)
         goto done;
     if (r.status == 200 || r.status == 201) {

@@ -885,3 +885,75 @@ def test_paypal_confirm_racing_cancel_while_refunds_fail(orderd):
     confirmation cannot be refunded at once. Once PayPal is back, a retried cancel must
     refund it: no order may end CANCELLED with its money captured and kept."""
     _paypal_race(orderd, refunds_fail=True)
+
+
+# ---- money that must not be taken ----------------------------------------------------
+
+def _cancel_while_paypal_is_down(orderd, customer, oid, ref):
+    """CancelOrder while PayPal cannot be read: the order is CANCELLED, its void unfinished."""
+    with _failing(orderd.paypal, "500", 1000, path="/v2/checkout/orders/" + ref, method="GET"):
+        expect_error(lambda: _cancel(orderd, customer, oid), grpc.StatusCode.UNAVAILABLE)
+    o = orderd.get(customer, oid)
+    assert o.status == pb.ORDER_STATUS_CANCELLED
+    assert o.payment.status == pb.PAYMENT_STATUS_PENDING
+
+
+def _captured(orderd, ref):
+    return [x for x in _paypal_reqs(orderd, ref + "/capture") if x["status"] in (200, 201)]
+
+
+def test_confirm_on_a_cancelled_paypal_order_voids_and_never_captures(orderd, customer):
+    """For PayPal, verifying is capturing: on an order that is over, orderd must not charge
+    the payer (and then refund); it closes the payment instead."""
+    pid = _product(orderd, 2000)
+    r = _place(orderd, customer, pid, provider=PAYPAL)
+    oid, ref = r.order.order_id, r.payment.reference
+    _cancel_while_paypal_is_down(orderd, customer, oid, ref)
+    orderd.paypal.control("/_fake/pay", {"id": ref})  # the payer approves afterwards
+    err = expect_error(lambda: _confirm(orderd, customer, oid, ref, PAYPAL),
+                       grpc.StatusCode.FAILED_PRECONDITION)
+    assert "CANCELLED" in err.details()
+    assert not _captured(orderd, ref), "orderd captured the payer's money for a CANCELLED order"
+    assert _obj(orderd.paypal, ref)["status"] == "APPROVED"
+    assert orderd.get(customer, oid).payment.status == pb.PAYMENT_STATUS_VOIDED
+
+
+def test_a_cancelled_order_cannot_capture_another_orders_paypal_payment(orderd, customer):
+    pid = _product(orderd, 2000)
+    a = _place(orderd, customer, pid, provider=PAYPAL)
+    b = _place(orderd, orderd.customer(), pid, provider=PAYPAL)
+    _cancel_while_paypal_is_down(orderd, customer, a.order.order_id, a.payment.reference)
+    orderd.paypal.control("/_fake/pay", {"id": b.payment.reference})
+    err = expect_error(lambda: _confirm(orderd, customer, a.order.order_id, b.payment.reference, PAYPAL),
+                       grpc.StatusCode.FAILED_PRECONDITION)
+    assert detail(err, "ErrorInfo").reason == "PAYMENT_REFERENCE_MISMATCH"
+    assert _obj(orderd.paypal, b.payment.reference)["status"] == "APPROVED"
+    assert not _captured(orderd, b.payment.reference)
+
+
+def test_an_order_without_a_reference_cannot_capture_another_orders_paypal_payment(orderd, customer):
+    """PlaceOrder's create failed (PayPal down), so the order has no reference to compare:
+    PayPal's own custom_id is checked before anything is captured."""
+    pid = _product(orderd, 2000)
+    with _failing(orderd.paypal, "500", 1000, path="/v2/checkout/orders", method="POST"):
+        expect_error(lambda: _place(orderd, customer, pid, provider=PAYPAL), grpc.StatusCode.UNAVAILABLE)
+    [a] = orderd.list_all(customer)
+    assert a.status == pb.ORDER_STATUS_PENDING and not a.payment.reference
+    b = _place(orderd, orderd.customer(), pid, provider=PAYPAL)
+    orderd.paypal.control("/_fake/pay", {"id": b.payment.reference})
+    err = expect_error(lambda: _confirm(orderd, customer, a.order_id, b.payment.reference, PAYPAL),
+                       grpc.StatusCode.FAILED_PRECONDITION)
+    assert detail(err, "ErrorInfo").reason == "PAYMENT_MISMATCH"
+    assert _obj(orderd.paypal, b.payment.reference)["status"] == "APPROVED"
+    assert not _captured(orderd, b.payment.reference)
+
+
+def test_an_amount_stripe_refuses_fails_the_order_instead_of_leaving_it_pending(orderd, customer):
+    pid = _product(orderd, 10)  # EUR 0.10 (+ tax): below Stripe's minimum charge
+    rid = "small-" + uuid.uuid4().hex
+    for _ in range(2):  # a retry of the request answers the same
+        err = expect_error(lambda: _place(orderd, customer, pid, provider=STRIPE, request_id=rid),
+                           grpc.StatusCode.FAILED_PRECONDITION)
+        assert _meta(err)[1].get("decline_code") == "amount_too_small"
+    [o] = orderd.list_all(customer)
+    assert o.status == pb.ORDER_STATUS_FAILED, pb.OrderStatus.Name(o.status)

@@ -397,6 +397,56 @@ static void test_confirm_late_payment_refund_fails_now(void **state)
     assert_int_equal(fake_payments_refunds(env->local, id), 1);
 }
 
+/* ConfirmPayment on a cancelled order whose payment was never paid (its void failed):
+ * the payment is voided, never verified (for PayPal, verifying is capturing). */
+static void test_confirm_on_a_cancelled_unpaid_order_voids_without_verifying(void **state)
+{
+    fake_env *env = *state;
+    char id[ORDER_ID_LEN + 1];
+    place_local(env, id);
+    char ref[ORDER_REFERENCE_MAX + 1];
+    snprintf(ref, sizeof ref, "%s", stored(env, id)->pay_reference);
+    order_t o = {0};
+    env->local->fail[FAKE_PAY_CANCEL] = 1;
+    fake_env_as(env, "alice", ORDER_ROLE_CUSTOMER);
+    assert_int_equal(order_cancel(&env->svc, &env->ctx, id, "", &o), ORDER_EUNAVAILABLE);
+    assert_int_equal(stored(env, id)->pay_status, ORDER_PAY_PENDING);
+
+    fake_env_again(env);
+    int verifies = env->local->calls[FAKE_PAY_VERIFY];
+    assert_int_equal(order_confirm_payment(&env->svc, &env->ctx, id, ORDER_PROVIDER_LOCAL, ref, &o),
+                     ORDER_EPRECONDITION);
+    assert_int_equal(env->err.current_status, ORDER_STATUS_CANCELLED);
+    assert_int_equal(env->local->calls[FAKE_PAY_VERIFY], verifies);
+    assert_int_equal(stored(env, id)->pay_status, ORDER_PAY_VOIDED);
+    assert_int_equal(fake_payments_find(env->local, id)->status, ORDER_PAY_VOIDED);
+    assert_int_equal(env->local->refunded, 0);
+}
+
+/* A payment the provider can neither void nor refund yet (Stripe: processing) leaves the
+ * cancelled order's payment PENDING, with CancelOrder answered; the sweeper settles it. */
+static void test_cancel_while_the_payment_is_processing_settles_later(void **state)
+{
+    fake_env *env = *state;
+    char id[ORDER_ID_LEN + 1];
+    place_local(env, id);
+    order_t o = {0};
+    env->local->fail[FAKE_PAY_CANCEL] = 1;
+    env->local->fail_code = ORDER_EPRECONDITION; /* refused, but not "already succeeded" */
+    fake_env_as(env, "alice", ORDER_ROLE_CUSTOMER);
+    assert_int_equal(order_cancel(&env->svc, &env->ctx, id, "", &o), ORDER_OK);
+    assert_int_equal(o.status, ORDER_STATUS_CANCELLED);
+    assert_int_equal(o.pay_status, ORDER_PAY_PENDING);
+    order_clear(&o);
+    assert_int_equal(env->local->calls[FAKE_PAY_REFUND], 0);
+
+    size_t settled = 0;
+    fake_env_as(env, "sweeper", ORDER_ROLE_SERVICE);
+    assert_int_equal(order_settle_due(&env->svc, &env->ctx, 0, 10, &settled), ORDER_OK);
+    assert_int_equal(stored(env, id)->pay_status, ORDER_PAY_VOIDED);
+    assert_int_equal(env->local->refunded, 0);
+}
+
 /* ---- ConfirmPayment racing CancelOrder ---- */
 
 enum who { CONFIRM, CANCEL };
@@ -597,6 +647,8 @@ int main(void)
         T(test_place_customer_needs_a_payment_method),
         T(test_confirm_on_a_cancelled_order_refunds_the_payment),
         T(test_confirm_late_payment_refund_fails_now),
+        T(test_confirm_on_a_cancelled_unpaid_order_voids_without_verifying),
+        T(test_cancel_while_the_payment_is_processing_settles_later),
         T(test_race_confirm_and_cancel_every_interleaving),
         T(test_race_cancel_inside_the_confirmation),
         T(test_race_confirm_inside_the_cancel),
