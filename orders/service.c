@@ -293,10 +293,26 @@ done:
     return rc;
 }
 
-/* Closing a declined intent gets at most half of what is left of the call, and at most
- * this much; with less than the minimum left it is not tried. */
-#define VOID_DECLINED_MAX_US (2 * 1000000LL)
-#define VOID_DECLINED_MIN_US (200 * 1000LL)
+/* Best-effort provider work inside a call that must still answer (closing a declined
+ * intent; refunding a late payment reported by a webhook, which wants its 2xx quickly)
+ * gets at most half of what is left of the call, and at most its own cap; with less than
+ * SIDE_MIN_US left it is not tried. What it does not finish, the sweeper does. */
+#define VOID_DECLINED_MAX_US  (2 * 1000000LL)
+#define WEBHOOK_REFUND_MAX_US (3 * 1000000LL)
+#define SIDE_MIN_US           (200 * 1000LL)
+
+/* *out: ctx with its deadline cut to the side work's share; false: too little time left. */
+static bool side_ctx(const order_ctx *ctx, int64_t max_us, order_ctx *out)
+{
+    *out = *ctx;
+    int64_t left = order_ctx_remaining_us(ctx);
+    if (left == INT64_MAX) /* no deadline: the provider's own timeouts bound it */
+        return true;
+    if (left / 2 < SIDE_MIN_US)
+        return false;
+    out->deadline_mono_us = ctx->deadline_mono_us - left + (left / 2 < max_us ? left / 2 : max_us);
+    return true;
+}
 
 /* The reason a declined order keeps, and its prefix (a replay answers the same). */
 #define DECLINED_PREFIX "payment declined"
@@ -409,13 +425,9 @@ static int pay_for_order(order_service *svc, order_ctx *ctx, const order_saved_m
          * part of the caller's time, so that a slow provider costs the caller the void and
          * not the answer: a payment that lands anyway is refunded when it is reported
          * (refund_late). */
-        order_ctx vctx = *ctx;
-        int64_t left = order_ctx_remaining_us(ctx);
-        if (left != INT64_MAX) { /* no deadline: the provider's own timeouts bound it */
-            int64_t budget = left / 2 < VOID_DECLINED_MAX_US ? left / 2 : VOID_DECLINED_MAX_US;
-            vctx.deadline_mono_us = ctx->deadline_mono_us - left + budget;
-        }
-        if (left / 2 < VOID_DECLINED_MIN_US || pay->cancel(pay->self, &vctx, o) != ORDER_OK)
+        order_ctx vctx;
+        if (!side_ctx(ctx, VOID_DECLINED_MAX_US, &vctx) ||
+            pay->cancel(pay->self, &vctx, o) != ORDER_OK)
             notice(svc, "the declined payment could not be voided; it stays open at the provider",
                    o, ctx->err);
         order_error_reset(ctx->err);
@@ -745,7 +757,11 @@ static int refund_late(order_service *svc, order_ctx *ctx, const order_t *cur,
         order_error_reset(ctx->err);
     else if (rc != ORDER_OK)
         return rc;
-    if (settle_payment(svc, ctx, &o) != ORDER_OK) {
+    /* A webhook's sender wants its answer quickly: the refund gets a share of the time,
+     * the sweeper the rest. A caller of ConfirmPayment waits for it. */
+    order_ctx sctx = *ctx;
+    if ((in && !side_ctx(ctx, WEBHOOK_REFUND_MAX_US, &sctx)) ||
+        settle_payment(svc, &sctx, &o) != ORDER_OK) {
         notice(svc, "refund of a late payment failed; it will be retried", &o, ctx->err);
         order_error_reset(ctx->err);
     }

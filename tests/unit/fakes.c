@@ -638,6 +638,7 @@ int fake_store_writes(const fake_store *fs)
 static int pay_enter(fake_payments *fp, order_ctx *ctx, enum fake_pay_op op)
 {
     fp->calls[op]++;
+    fp->remaining_us[op] = order_ctx_remaining_us(ctx);
     if (fp->hook && fp->hook_op == op) {
         void (*hook)(void *) = fp->hook;
         fp->hook = NULL; /* one-shot, and the hook may call back into the provider */

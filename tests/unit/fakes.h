@@ -156,6 +156,7 @@ typedef struct fake_payments {
     int fail[FAKE_PAY_NOPS]; /* fail the next N calls of an op with fail_code */
     int fail_code;           /* default ORDER_EUNAVAILABLE */
     int calls[FAKE_PAY_NOPS];
+    int64_t remaining_us[FAKE_PAY_NOPS]; /* time the caller's context had left, last call */
     /* Runs once, at the next call of hook_op, before the provider looks at anything. */
     void (*hook)(void *arg);
     void *hook_arg;

@@ -106,6 +106,16 @@ static int apply(fake_env *env, const order_payment_event *ev, order_t *out)
     return order_apply_payment_event(&env->svc, &env->ctx, ev, out, NULL);
 }
 
+/* apply(), as a caller with a deadline this far off. */
+static int apply_within(fake_env *env, const order_payment_event *ev, int64_t within_us)
+{
+    fake_env_again(env);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    env->ctx.deadline_mono_us = (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000 + within_us;
+    return order_apply_payment_event(&env->svc, &env->ctx, ev, NULL, NULL);
+}
+
 /* Applies a SUCCEEDED event: the order is PAID. */
 static void pay_by_event(fake_env *env, const char *id, const char *evid)
 {
@@ -370,6 +380,37 @@ static void test_succeeded_on_a_cancelled_order_is_refunded(void **state)
     assert_true(rc == ORDER_OK || rc == ORDER_EDUPLICATE);
     assert_int_equal(fake_payments_refunds(env->stripe, id), 1);
     assert_int_equal(stored(env, id)->version, version);
+}
+
+/* The webhook's sender waits for its answer: the refund of a late payment gets a share of
+ * the call (half of what is left, at most 3 s), the sweeper whatever it does not finish. */
+static void test_succeeded_late_refund_takes_a_share_of_the_webhook_time(void **state)
+{
+    fake_env *env = *state;
+    char id[ORDER_ID_LEN + 1];
+    place(env, id);
+    cancel_leaving_payment_pending(env, id);
+    fake_payments_mark_paid(env->stripe, id);
+    order_payment_event ev = event(env, "evt_late_share", ORDER_PAY_EVENT_SUCCEEDED, id);
+    assert_int_equal(apply_within(env, &ev, 10 * 1000000), ORDER_OK);
+    assert_late_payment_refunded(env, id, ORDER_STATUS_CANCELLED, "evt_late_share");
+    int64_t share = env->stripe->remaining_us[FAKE_PAY_REFUND];
+    assert_true(share > 0 && share <= 3 * 1000000);
+
+    /* With almost nothing left, it is not tried: recorded, and left to the sweeper. */
+    char other[ORDER_ID_LEN + 1];
+    place(env, other);
+    cancel_leaving_payment_pending(env, other);
+    fake_payments_mark_paid(env->stripe, other);
+    int refunds = env->stripe->calls[FAKE_PAY_REFUND];
+    ev = event(env, "evt_late_short", ORDER_PAY_EVENT_SUCCEEDED, other);
+    assert_int_equal(apply_within(env, &ev, 300 * 1000), ORDER_OK);
+    assert_int_equal(env->stripe->calls[FAKE_PAY_REFUND], refunds);
+    assert_int_equal(stored(env, other)->pay_status, ORDER_PAY_SUCCEEDED);
+    size_t settled = 0;
+    fake_env_as(env, "sweeper", ORDER_ROLE_SERVICE);
+    assert_int_equal(order_settle_due(&env->svc, &env->ctx, 0, 10, &settled), ORDER_OK);
+    assert_int_equal(stored(env, other)->pay_status, ORDER_PAY_REFUNDED);
 }
 
 static void test_succeeded_on_an_expired_order_is_refunded(void **state)
@@ -824,6 +865,7 @@ int main(void)
         T(test_succeeded_delivered_twice_at_once),
         T(test_succeeded_with_another_amount_or_currency),
         T(test_succeeded_on_a_cancelled_order_is_refunded),
+        T(test_succeeded_late_refund_takes_a_share_of_the_webhook_time),
         T(test_succeeded_on_an_expired_order_is_refunded),
         T(test_succeeded_late_refund_fails_now),
         T(test_denied_fails_a_pending_order),
