@@ -1062,8 +1062,10 @@ static int event_succeeded(order_service *svc, order_ctx *ctx, const order_payme
                            const order_inbound *in, order_t *o)
 {
     order_error *e = ctx->err;
-    if (ev->amount_minor >= 0 &&
-        (ev->amount_minor != o->total_minor || strcmp(ev->currency, o->currency) != 0)) {
+    /* An amount the adapter could not read (no amount, a currency it does not know) is no
+     * more a match than a wrong one: the order is never marked paid on trust. */
+    if (ev->amount_minor < 0 || ev->amount_minor != o->total_minor ||
+        strcmp(ev->currency, o->currency) != 0) {
         snprintf(e->reason, sizeof e->reason, "PAYMENT_MISMATCH");
         notice(svc, "a provider reported a payment that does not match the order", o, NULL);
         return order_fail(e, ORDER_EPRECONDITION,

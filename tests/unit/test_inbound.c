@@ -315,6 +315,13 @@ static void test_succeeded_with_another_amount_or_currency(void **state)
     assert_int_equal(apply(env, &ev, NULL), ORDER_EPRECONDITION);
     assert_string_equal(env->err.reason, "PAYMENT_MISMATCH");
 
+    /* An amount the adapter could not read (a currency it does not know) is no match. */
+    ev = event(env, "evt_unread", ORDER_PAY_EVENT_SUCCEEDED, id);
+    ev.amount_minor = -1;
+    ev.currency[0] = '\0';
+    assert_int_equal(apply(env, &ev, NULL), ORDER_EPRECONDITION);
+    assert_string_equal(env->err.reason, "PAYMENT_MISMATCH");
+
     /* Not paid, not recorded: the order is as it was. */
     const order_t *s = stored(env, id);
     assert_int_equal(s->status, ORDER_STATUS_PENDING);
