@@ -316,21 +316,29 @@ static void test_place_payment_method_needs_stripe(void **state)
 
 /* ---- a payment that succeeds after its order was cancelled ---- */
 
-/* Cancelled, but voiding the payment failed: the payer paid meanwhile. Confirming finds
- * the money, records it and gives it back at once; the order stays cancelled. */
-static void test_confirm_on_a_cancelled_order_refunds_the_payment(void **state)
+/* Alice places a LOCAL order (id) and cancels it while its void fails: CANCELLED, payment
+ * PENDING; ref gets the payment's reference. */
+static void cancel_leaving_payment_pending(fake_env *env, char *id, char *ref)
 {
-    fake_env *env = *state;
-    char id[ORDER_ID_LEN + 1];
     place_local(env, id);
-    char ref[ORDER_REFERENCE_MAX + 1];
-    snprintf(ref, sizeof ref, "%s", stored(env, id)->pay_reference);
+    snprintf(ref, ORDER_REFERENCE_MAX + 1, "%s", stored(env, id)->pay_reference);
     order_t o = {0};
     env->local->fail[FAKE_PAY_CANCEL] = 1;
     fake_env_as(env, "alice", ORDER_ROLE_CUSTOMER);
     assert_int_equal(order_cancel(&env->svc, &env->ctx, id, "", &o), ORDER_EUNAVAILABLE);
     assert_int_equal(stored(env, id)->status, ORDER_STATUS_CANCELLED);
     assert_int_equal(stored(env, id)->pay_status, ORDER_PAY_PENDING);
+}
+
+/* Cancelled, but voiding the payment failed: the payer paid meanwhile. Confirming finds
+ * the money, records it and gives it back at once; the order stays cancelled. */
+static void test_confirm_on_a_cancelled_order_refunds_the_payment(void **state)
+{
+    fake_env *env = *state;
+    char id[ORDER_ID_LEN + 1];
+    char ref[ORDER_REFERENCE_MAX + 1];
+    order_t o = {0};
+    cancel_leaving_payment_pending(env, id, ref);
     fake_payments_mark_paid(env->local, id);
 
     fake_env_again(env);
@@ -371,13 +379,9 @@ static void test_confirm_late_payment_refund_fails_now(void **state)
 {
     fake_env *env = *state;
     char id[ORDER_ID_LEN + 1];
-    place_local(env, id);
     char ref[ORDER_REFERENCE_MAX + 1];
-    snprintf(ref, sizeof ref, "%s", stored(env, id)->pay_reference);
     order_t o = {0};
-    env->local->fail[FAKE_PAY_CANCEL] = 1;
-    fake_env_as(env, "alice", ORDER_ROLE_CUSTOMER);
-    assert_int_equal(order_cancel(&env->svc, &env->ctx, id, "", &o), ORDER_EUNAVAILABLE);
+    cancel_leaving_payment_pending(env, id, ref);
     fake_payments_mark_paid(env->local, id);
 
     env->local->fail[FAKE_PAY_REFUND] = 1;
@@ -403,14 +407,9 @@ static void test_confirm_on_a_cancelled_unpaid_order_voids_without_verifying(voi
 {
     fake_env *env = *state;
     char id[ORDER_ID_LEN + 1];
-    place_local(env, id);
     char ref[ORDER_REFERENCE_MAX + 1];
-    snprintf(ref, sizeof ref, "%s", stored(env, id)->pay_reference);
     order_t o = {0};
-    env->local->fail[FAKE_PAY_CANCEL] = 1;
-    fake_env_as(env, "alice", ORDER_ROLE_CUSTOMER);
-    assert_int_equal(order_cancel(&env->svc, &env->ctx, id, "", &o), ORDER_EUNAVAILABLE);
-    assert_int_equal(stored(env, id)->pay_status, ORDER_PAY_PENDING);
+    cancel_leaving_payment_pending(env, id, ref);
 
     fake_env_again(env);
     int verifies = env->local->calls[FAKE_PAY_VERIFY];
