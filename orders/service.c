@@ -11,6 +11,7 @@
  */
 #include "orders/orders.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -361,7 +362,19 @@ static int pay_for_order(order_service *svc, order_ctx *ctx, const order_saved_m
     }
     order_payment_info paid = {0};
     int rc = pay->create(pay->self, ctx, o, saved, action, &paid);
-    bool declined = rc == ORDER_EPRECONDITION && strcmp(ctx->err->reason, "PAYMENT_DECLINED") == 0;
+    /* A refusal for good (a decline, a method or an amount the provider will not take,
+     * e.g. KWD 10.835 on Stripe): the order fails; it must not stay PENDING holding stock.
+     * To the caller it is PAYMENT_DECLINED, the provider's reason as the decline code. */
+    bool declined = rc == ORDER_EPRECONDITION;
+    if (declined && strcmp(ctx->err->reason, "PAYMENT_DECLINED") != 0) {
+        char code[sizeof ctx->err->reason];
+        size_t i = 0;
+        for (; ctx->err->reason[i] && i + 1 < sizeof code; i++)
+            code[i] = (char)tolower((unsigned char)ctx->err->reason[i]);
+        code[i] = '\0';
+        order_error_meta(ctx->err, "decline_code", "%s", *code ? code : "refused");
+        snprintf(ctx->err->reason, sizeof ctx->err->reason, "PAYMENT_DECLINED");
+    }
     if (rc != ORDER_OK && !declined)
         return rc;
     order_error saved_meta = {0};

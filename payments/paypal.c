@@ -370,6 +370,14 @@ static int pp_create(void *self, order_ctx *ctx, const order_t *o, const order_s
     free(body);
     if (rc != ORDER_OK)
         goto done;
+    if (r.status == 422 &&
+        (issue_is(root, "CURRENCY_NOT_SUPPORTED") || issue_is(root, "DECIMAL_PRECISION") ||
+         issue_is(root, "CANNOT_BE_ZERO_OR_NEGATIVE"))) {
+        /* No retry can succeed: the order is refused, not an internal error. */
+        rc = pay__refuse(ctx, "AMOUNT_NOT_REPRESENTABLE", "paypal cannot take %s %s: %s", value,
+                         cur, issue_of(root));
+        goto done;
+    }
     if (r.status != 200 && r.status != 201) {
         rc = fail(p, ctx, &r, root, "create an order");
         goto done;

@@ -957,3 +957,25 @@ def test_an_amount_stripe_refuses_fails_the_order_instead_of_leaving_it_pending(
         assert _meta(err)[1].get("decline_code") == "amount_too_small"
     [o] = orderd.list_all(customer)
     assert o.status == pb.ORDER_STATUS_FAILED, pb.OrderStatus.Name(o.status)
+
+
+# ---- totals a provider cannot take ----------------------------------------------------
+
+@pytest.mark.parametrize("cur,price,provider", [
+    ("KWD", 1000, STRIPE),   # total 1083: Stripe takes KWD only in multiples of 10 fils
+    ("BHD", 2000, STRIPE),
+    ("MGA", 1050, STRIPE),   # Stripe: whole ariary only
+    ("HUF", 1050, PAYPAL),   # PayPal: no fillér
+    ("KWD", 1000, PAYPAL),   # PayPal: CURRENCY_NOT_SUPPORTED
+])
+def test_unrepresentable_total_fails_the_order(orderd, customer, cur, price, provider):
+    pid = _product(orderd, price, cur)
+    rid = e2e.unique("req")
+    for _ in range(2):
+        err = expect_error(lambda: _place(orderd, customer, pid, provider=provider,
+                                          request_id=rid), grpc.StatusCode.FAILED_PRECONDITION)
+        reason, meta = _meta(err)
+        assert reason == "PAYMENT_DECLINED", (reason, err.details())
+        assert meta.get("decline_code") == "amount_not_representable", meta
+        o = _only_order(orderd, customer)
+        assert o.status == pb.ORDER_STATUS_FAILED, pb.OrderStatus.Name(o.status)
