@@ -122,11 +122,137 @@ static void product_to_pb(Orders__V1__Product *m, const order_product *p)
     m->active = p->active;
 }
 
+/* ---- text fields: UTF-8 without NUL ----
+ *
+ * protobuf-c neither checks that a string field is UTF-8 nor keeps its length: a NUL cuts
+ * the value short silently ("key\0a" and "key\0b" become the same request_id, "pm_x\0..."
+ * charges pm_x), and bytes that are not UTF-8 reach PostgreSQL (an error without field
+ * details) or come back in error messages no client can parse. So every string field of
+ * the request, nested ones included, is checked on the wire before the request is used. */
+
+static bool utf8_text_ok(const uint8_t *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = s[i];
+        if (c == 0)
+            return false;
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t need;
+        uint32_t cp;
+        if (c >= 0xC2 && c <= 0xDF) {
+            need = 1;
+            cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            need = 2;
+            cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            need = 3;
+            cp = c & 0x07;
+        } else {
+            return false;
+        }
+        if (n - i - 1 < need)
+            return false;
+        for (size_t k = 1; k <= need; k++) {
+            if ((s[i + k] & 0xC0) != 0x80)
+                return false;
+            cp = cp << 6 | (s[i + k] & 0x3F);
+        }
+        if ((need == 2 && cp < 0x800) || (need == 3 && (cp < 0x10000 || cp > 0x10FFFF)) ||
+            (cp >= 0xD800 && cp <= 0xDFFF))
+            return false;
+        i += need + 1;
+    }
+    return true;
+}
+
+static bool wire_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t b = *(*p)++;
+        v |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) {
+            *out = v;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Adds a violation for every string field of `d` in p[0..len) that is not UTF-8 or holds
+ * a NUL. Malformed wire data is left to the unpacker, which has accepted it already. */
+static void check_text_fields(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t len,
+                              const char *prefix, order_error *e, int depth)
+{
+    const uint8_t *end = p + len;
+    unsigned seen[64] = {0}; /* occurrences per field index, for "items[3]" */
+    while (p < end && depth < 8) {
+        uint64_t tag, n;
+        if (!wire_varint(&p, end, &tag))
+            return;
+        switch (tag & 7) {
+        case 0:
+            if (!wire_varint(&p, end, &n))
+                return;
+            continue;
+        case 1:
+            if (end - p < 8)
+                return;
+            p += 8;
+            continue;
+        case 5:
+            if (end - p < 4)
+                return;
+            p += 4;
+            continue;
+        case 2:
+            break;
+        default:
+            return;
+        }
+        if (!wire_varint(&p, end, &n) || n > (uint64_t)(end - p))
+            return;
+        const ProtobufCFieldDescriptor *f =
+            tag >> 3 <= UINT32_MAX
+                ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3))
+                : NULL;
+        if (f && (f->type == PROTOBUF_C_TYPE_STRING || f->type == PROTOBUF_C_TYPE_MESSAGE)) {
+            size_t fi = (size_t)(f - d->fields);
+            char path[160];
+            if (f->label == PROTOBUF_C_LABEL_REPEATED)
+                snprintf(path, sizeof path, "%s%s[%u]", prefix, f->name, fi < 64 ? seen[fi]++ : 0);
+            else
+                snprintf(path, sizeof path, "%s%s", prefix, f->name);
+            if (f->type == PROTOBUF_C_TYPE_STRING) {
+                if (!utf8_text_ok(p, (size_t)n))
+                    order_violate(e, path, "must be UTF-8 text without NUL characters");
+            } else {
+                char sub[168];
+                snprintf(sub, sizeof sub, "%s.", path);
+                check_text_fields(f->descriptor, p, (size_t)n, sub, e, depth + 1);
+            }
+        }
+        p += n;
+    }
+}
+
 #define DECODE(type, fn, req, len, r, name)                                                        \
     type *m = fn(NULL, len, req);                                                                  \
     if (!m) {                                                                                      \
         srv_reply_error(r, GRPC_STATUS_INVALID_ARGUMENT,                                           \
                         "the request is not a valid " name " message");                            \
+        return;                                                                                    \
+    }                                                                                              \
+    check_text_fields(m->base.descriptor, req, len, "", c->err, 0);                                \
+    if (c->err->nviolations) {                                                                     \
+        order_fail(c->err, ORDER_EINVAL, "invalid text in the request: see the field violations"); \
+        srv_reply_domain(r, c->err);                                                               \
+        protobuf_c_message_free_unpacked(&m->base, NULL);                                          \
         return;                                                                                    \
     }
 
