@@ -146,7 +146,7 @@ static void validate_place(order_service *svc, order_ctx *ctx, const order_place
     if (len == 0)
         order_violate(e, "request_id", "must not be empty: it is the idempotency key");
     else if (len > ORDER_REQUEST_ID_MAX)
-        order_violate(e, "request_id", "must be at most %d characters (got %zu)",
+        order_violate(e, "request_id", "must be at most %d bytes of UTF-8 (got %zu)",
                       ORDER_REQUEST_ID_MAX, len);
 
     const char *cust = cmd->customer_id ? cmd->customer_id : "";
@@ -155,7 +155,7 @@ static void validate_place(order_service *svc, order_ctx *ctx, const order_place
         if (cl == 0)
             order_violate(e, "customer_id", "must be set when a service or admin places an order");
         else if (cl > ORDER_CUSTOMER_MAX)
-            order_violate(e, "customer_id", "must be at most %d characters", ORDER_CUSTOMER_MAX);
+            order_violate(e, "customer_id", "must be at most %d bytes of UTF-8", ORDER_CUSTOMER_MAX);
         *customer = cust;
     } else {
         *customer = ctx->caller.subject;
@@ -175,7 +175,7 @@ static void validate_place(order_service *svc, order_ctx *ctx, const order_place
             order_violate(e, field, "must not be empty");
         } else if (pl > ORDER_PRODUCT_ID_MAX) {
             snprintf(field, sizeof field, "items[%zu].product_id", i);
-            order_violate(e, field, "must be at most %d characters", ORDER_PRODUCT_ID_MAX);
+            order_violate(e, field, "must be at most %d bytes of UTF-8", ORDER_PRODUCT_ID_MAX);
         }
         int32_t q = cmd->lines[i].quantity;
         if (q < ORDER_MIN_QUANTITY || q > ORDER_MAX_QUANTITY) {
@@ -187,14 +187,14 @@ static void validate_place(order_service *svc, order_ctx *ctx, const order_place
 
     size_t pml = cmd->payment_method ? strlen(cmd->payment_method) : 0;
     if (pml > ORDER_PAYMENT_METHOD_MAX)
-        order_violate(e, "payment_method", "must be at most %d characters",
+        order_violate(e, "payment_method", "must be at most %d bytes of UTF-8",
                       ORDER_PAYMENT_METHOD_MAX);
     else if (pml && cmd->provider != ORDER_PROVIDER_STRIPE)
         order_violate(e, "payment_method",
                       "saved payment methods are only supported with PAYMENT_PROVIDER_STRIPE");
     size_t pcl = cmd->payment_customer ? strlen(cmd->payment_customer) : 0;
     if (pcl > ORDER_PAYMENT_METHOD_MAX)
-        order_violate(e, "payment_customer", "must be at most %d characters",
+        order_violate(e, "payment_customer", "must be at most %d bytes of UTF-8",
                       ORDER_PAYMENT_METHOD_MAX);
     else if (pcl && !pml)
         order_violate(e, "payment_customer", "is only used with payment_method");
@@ -550,7 +550,7 @@ int order_list(order_service *svc, order_ctx *ctx, const order_list_cmd *cmd, or
             return order_fail(e, ORDER_EPERM, "a customer may only list their own orders");
         cust = ctx->caller.subject;
     } else if (strlen(cust) > ORDER_CUSTOMER_MAX) {
-        order_violate(e, "customer_id", "must be at most %d characters", ORDER_CUSTOMER_MAX);
+        order_violate(e, "customer_id", "must be at most %d bytes of UTF-8", ORDER_CUSTOMER_MAX);
     }
     int32_t size = cmd->page_size;
     if (size < 0)
@@ -675,7 +675,7 @@ int order_cancel(order_service *svc, order_ctx *ctx, const char *order_id, const
     int rc = check_order_id(ctx, order_id);
     size_t rlen = reason ? strlen(reason) : 0;
     if (rlen > ORDER_REASON_MAX) {
-        order_violate(ctx->err, "reason", "must be at most %d characters (got %zu)",
+        order_violate(ctx->err, "reason", "must be at most %d bytes of UTF-8 (got %zu)",
                       ORDER_REASON_MAX, rlen);
         rc = order_fail(ctx->err, ORDER_EINVAL, "invalid cancel request");
     }
@@ -799,7 +799,7 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
     if (rl == 0)
         order_violate(e, "payment_reference", "must not be empty");
     else if (rl > ORDER_REFERENCE_MAX)
-        order_violate(e, "payment_reference", "must be at most %d characters", ORDER_REFERENCE_MAX);
+        order_violate(e, "payment_reference", "must be at most %d bytes of UTF-8", ORDER_REFERENCE_MAX);
     if (e->nviolations)
         return order_fail(e, ORDER_EINVAL, "invalid confirmation: see the field violations");
     if (deadline_passed(ctx))
@@ -990,7 +990,7 @@ static void check_product_id(order_error *e, const char *field, const char *id)
         return;
     }
     if (n > ORDER_PRODUCT_ID_MAX) {
-        order_violate(e, field, "must be at most %d characters", ORDER_PRODUCT_ID_MAX);
+        order_violate(e, field, "must be at most %d bytes of UTF-8", ORDER_PRODUCT_ID_MAX);
         return;
     }
     for (size_t i = 0; i < n; i++) {
@@ -1010,7 +1010,7 @@ int order_product_upsert(order_service *svc, order_ctx *ctx, const order_product
     if (nl == 0)
         order_violate(e, "product.name", "must not be empty");
     else if (nl > ORDER_PRODUCT_NAME_MAX)
-        order_violate(e, "product.name", "must be at most %d characters", ORDER_PRODUCT_NAME_MAX);
+        order_violate(e, "product.name", "must be at most %d bytes of UTF-8", ORDER_PRODUCT_NAME_MAX);
     if (p->unit_price_minor < 0)
         order_violate(e, "product.unit_price_minor", "must not be negative");
     else if (p->unit_price_minor > svc->cfg.max_total_minor)
