@@ -413,16 +413,25 @@ typedef struct order_payments {
     void *self;
     /**
      * Creates the payment for an order, keyed by the order id: calling it again for the
-     * same order returns the same payment. Fills *out.
-     * saved (NULL = none): a saved payment method to charge at once, off-session (Stripe
-     * only; others return ORDER_EINVAL). If the charge succeeded, paid->paid_at_us > 0 and
-     * *paid describes it; if it was declined, or the provider refused the method itself
-     * (unknown, saved to another customer), ORDER_EPRECONDITION with reason
-     * "PAYMENT_DECLINED" and metadata decline_code / provider_status. If it is still
-     * processing, ORDER_OK with paid->paid_at_us == 0 (a webhook will tell).
+     * same order returns the same payment. Fills *out. It never moves money.
+     * saved (NULL = none): the saved payment method (and customer) the payment is for,
+     * charged afterwards by charge() (Stripe only; others return ORDER_EINVAL). A refusal
+     * for good (the provider refuses the method itself: unknown, saved to another
+     * customer; or an amount it cannot take) is ORDER_EPRECONDITION with metadata
+     * decline_code (reason "PAYMENT_DECLINED", or the refusal's own reason).
      */
     int (*create)(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
                   order_payment_action *out, order_payment_info *paid);
+    /**
+     * Charges the order's created payment (o->pay_reference) with the saved method, at
+     * once and off-session, keyed by the order: a repeat is the same charge. Succeeded:
+     * ORDER_OK, paid->paid_at_us > 0 and *paid describing it. Still processing: ORDER_OK
+     * with paid->paid_at_us == 0 (a webhook will tell). Declined: ORDER_EPRECONDITION with
+     * reason "PAYMENT_DECLINED" and metadata decline_code / provider_status. NULL for a
+     * provider without saved methods.
+     */
+    int (*charge)(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
+                  order_payment_info *paid);
     /**
      * Asks the provider whether `reference` is a succeeded payment of this order (PayPal:
      * captures it first), for its total, currency and order id. ORDER_OK with *info filled

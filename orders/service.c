@@ -155,7 +155,8 @@ static void validate_place(order_service *svc, order_ctx *ctx, const order_place
         if (cl == 0)
             order_violate(e, "customer_id", "must be set when a service or admin places an order");
         else if (cl > ORDER_CUSTOMER_MAX)
-            order_violate(e, "customer_id", "must be at most %d bytes of UTF-8", ORDER_CUSTOMER_MAX);
+            order_violate(e, "customer_id", "must be at most %d bytes of UTF-8",
+                          ORDER_CUSTOMER_MAX);
         *customer = cust;
     } else {
         *customer = ctx->caller.subject;
@@ -346,6 +347,31 @@ static void order_replace(order_t *o, order_t *next)
     memset(next, 0, sizeof *next);
 }
 
+/* A provider's refusal for good (a decline, a method or an amount it will not take, e.g.
+ * KWD 10.835 on Stripe) is ORDER_EPRECONDITION: the order fails, and must not stay PENDING
+ * holding stock. To the caller it is PAYMENT_DECLINED, the provider's reason as the
+ * decline code. Keeps the error's metadata and message in *kept and clears the error. */
+static bool take_refusal(order_ctx *ctx, int rc, order_error *kept)
+{
+    if (rc != ORDER_EPRECONDITION)
+        return false;
+    order_error *e = ctx->err;
+    if (strcmp(e->reason, "PAYMENT_DECLINED") != 0) {
+        char code[sizeof e->reason];
+        size_t i = 0;
+        for (; e->reason[i] && i + 1 < sizeof code; i++)
+            code[i] = (char)tolower((unsigned char)e->reason[i]);
+        code[i] = '\0';
+        order_error_meta(e, "decline_code", "%s", *code ? code : "refused");
+    }
+    kept->nmeta = e->nmeta;
+    memcpy(kept->meta_key, e->meta_key, sizeof kept->meta_key);
+    memcpy(kept->meta_value, e->meta_value, sizeof kept->meta_value);
+    snprintf(kept->message, sizeof kept->message, "%s", e->message);
+    order_error_reset(e);
+    return true;
+}
+
 /* Creates (or finds again) the payment of a freshly placed or replayed order and, with a
  * saved payment method, charges it at once: succeeded -> PAID, declined -> FAILED. */
 static int pay_for_order(order_service *svc, order_ctx *ctx, const order_saved_method *saved,
@@ -360,31 +386,15 @@ static int pay_for_order(order_service *svc, order_ctx *ctx, const order_saved_m
             return fail_declined(ctx, o, NULL);
         return ORDER_OK;
     }
+    /* Create first, and keep its reference, before any money moves: a charge whose answer
+     * is lost leaves an order whose payment a cancel or the sweeper can still void or
+     * refund (the provider is asked), never one that owes money it does not know of. */
     order_payment_info paid = {0};
+    order_error saved_meta = {0};
     int rc = pay->create(pay->self, ctx, o, saved, action, &paid);
-    /* A refusal for good (a decline, a method or an amount the provider will not take,
-     * e.g. KWD 10.835 on Stripe): the order fails; it must not stay PENDING holding stock.
-     * To the caller it is PAYMENT_DECLINED, the provider's reason as the decline code. */
-    bool declined = rc == ORDER_EPRECONDITION;
-    if (declined && strcmp(ctx->err->reason, "PAYMENT_DECLINED") != 0) {
-        char code[sizeof ctx->err->reason];
-        size_t i = 0;
-        for (; ctx->err->reason[i] && i + 1 < sizeof code; i++)
-            code[i] = (char)tolower((unsigned char)ctx->err->reason[i]);
-        code[i] = '\0';
-        order_error_meta(ctx->err, "decline_code", "%s", *code ? code : "refused");
-        snprintf(ctx->err->reason, sizeof ctx->err->reason, "PAYMENT_DECLINED");
-    }
+    bool declined = take_refusal(ctx, rc, &saved_meta);
     if (rc != ORDER_OK && !declined)
         return rc;
-    order_error saved_meta = {0};
-    if (declined) {
-        saved_meta.nmeta = ctx->err->nmeta;
-        memcpy(saved_meta.meta_key, ctx->err->meta_key, sizeof saved_meta.meta_key);
-        memcpy(saved_meta.meta_value, ctx->err->meta_value, sizeof saved_meta.meta_value);
-        snprintf(saved_meta.message, sizeof saved_meta.message, "%s", ctx->err->message);
-        order_error_reset(ctx->err);
-    }
     order_t next = {0};
     if (action->reference[0] && (strcmp(o->pay_reference, action->reference) != 0 ||
                                  o->pay_status == ORDER_PAY_UNSPECIFIED)) {
@@ -403,6 +413,16 @@ static int pay_for_order(order_service *svc, order_ctx *ctx, const order_saved_m
         if (rc != ORDER_OK)
             return rc;
         order_replace(o, &next);
+    }
+    if (saved && !declined && o->status == ORDER_STATUS_PENDING &&
+        o->pay_status == ORDER_PAY_PENDING && strcmp(o->pay_reference, action->reference) == 0) {
+        if (!pay->charge)
+            return order_fail(ctx->err, ORDER_EINVAL, "%s cannot charge a saved payment method",
+                              order_provider_name(o->pay_provider));
+        rc = pay->charge(pay->self, ctx, o, saved, &paid);
+        declined = take_refusal(ctx, rc, &saved_meta);
+        if (rc != ORDER_OK && !declined)
+            return rc; /* the payment is on the order: a retry, a cancel or a webhook settles it */
     }
     if (!declined && paid.paid_at_us <= 0)
         return ORDER_OK; /* the payer pays later; ConfirmPayment or a webhook tells */
@@ -799,7 +819,8 @@ int order_confirm_payment(order_service *svc, order_ctx *ctx, const char *order_
     if (rl == 0)
         order_violate(e, "payment_reference", "must not be empty");
     else if (rl > ORDER_REFERENCE_MAX)
-        order_violate(e, "payment_reference", "must be at most %d bytes of UTF-8", ORDER_REFERENCE_MAX);
+        order_violate(e, "payment_reference", "must be at most %d bytes of UTF-8",
+                      ORDER_REFERENCE_MAX);
     if (e->nviolations)
         return order_fail(e, ORDER_EINVAL, "invalid confirmation: see the field violations");
     if (deadline_passed(ctx))
@@ -1010,7 +1031,8 @@ int order_product_upsert(order_service *svc, order_ctx *ctx, const order_product
     if (nl == 0)
         order_violate(e, "product.name", "must not be empty");
     else if (nl > ORDER_PRODUCT_NAME_MAX)
-        order_violate(e, "product.name", "must be at most %d bytes of UTF-8", ORDER_PRODUCT_NAME_MAX);
+        order_violate(e, "product.name", "must be at most %d bytes of UTF-8",
+                      ORDER_PRODUCT_NAME_MAX);
     if (p->unit_price_minor < 0)
         order_violate(e, "product.unit_price_minor", "must not be negative");
     else if (p->unit_price_minor > svc->cfg.max_total_minor)

@@ -229,6 +229,22 @@ static int method_refused(order_ctx *ctx, const json_t *err_obj, const char *par
     return ORDER_EPRECONDITION;
 }
 
+/* Stripe refused a request naming a saved method (400/404 with param payment_method or
+ * customer): a refusal for good, like a decline. false if it is not that. */
+static bool saved_method_refused(order_ctx *ctx, const order_t *o, const pay__http_resp *r,
+                                 json_t *root, int *rc)
+{
+    const char *param = pay__jstr(error_of(root), "param");
+    if ((r->status != 400 && r->status != 404) || !param ||
+        (strcmp(param, "payment_method") != 0 && strcmp(param, "customer") != 0))
+        return false;
+    log_kv(LOG_INFO, "stripe refused a saved payment method", LOG_F_STR, "order_id", o->id,
+           LOG_F_STR, "param", param, LOG_F_STR, "code", pay__jstr(error_of(root), "code"),
+           LOG_F_STR, "request_id", r->request_id[0] ? r->request_id : NULL, LOG_F_END);
+    *rc = method_refused(ctx, error_of(root), param);
+    return true;
+}
+
 static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
                      order_payment_action *out, order_payment_info *paid)
 {
@@ -236,7 +252,7 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_s
     memset(out, 0, sizeof *out);
     memset(paid, 0, sizeof *paid);
     out->provider = ORDER_PROVIDER_STRIPE;
-    bool charge = saved && saved->method && *saved->method;
+    bool for_saved = saved && saved->method && *saved->method;
 
     char cur[4], amount_s[24], key[64], description[64];
     int64_t amount;
@@ -246,7 +262,7 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_s
                            "%lld minor units of %s have no exact Stripe amount",
                            (long long)o->total_minor, o->currency);
     snprintf(amount_s, sizeof amount_s, "%lld", (long long)amount);
-    snprintf(key, sizeof key, "orderd-pi-%s%s", o->id, charge ? "-pm" : "");
+    snprintf(key, sizeof key, "orderd-pi-%s%s", o->id, for_saved ? "-pm" : "");
     snprintf(description, sizeof description, "Order %s", o->id);
 
     pay__buf form = {0};
@@ -255,16 +271,14 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_s
     pay__buf_form(&form, "automatic_payment_methods[enabled]", "true");
     pay__buf_form(&form, "description", description);
     pay__buf_form(&form, "metadata[order_id]", o->id);
-    if (charge) {
-        /* Off-session: nobody is there to follow a redirect, and Stripe wants a return_url
-         * for redirect-based methods unless they are ruled out. */
+    if (for_saved) {
+        /* Created for the saved method, confirmed by st_charge once the order keeps the
+         * intent's id. Off-session: nobody is there to follow a redirect, and Stripe wants
+         * a return_url for redirect-based methods unless they are ruled out. */
         pay__buf_form(&form, "automatic_payment_methods[allow_redirects]", "never");
         pay__buf_form(&form, "payment_method", saved->method);
         if (saved->customer && *saved->customer)
             pay__buf_form(&form, "customer", saved->customer);
-        pay__buf_form(&form, "confirm", "true");
-        pay__buf_form(&form, "off_session", "true");
-        pay__buf_form(&form, "expand[]", "latest_charge");
     }
     pay__http_resp r;
     json_t *root = NULL;
@@ -282,34 +296,8 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_s
         }
         pay__copy(out->reference, sizeof out->reference, id);
         pay__copy(out->client_secret, sizeof out->client_secret, pay__jstr(root, "client_secret"));
-        if (!charge)
-            goto done;
-        if (strcmp(status, "succeeded") == 0) {
-            fill_paid(s, ctx, root, paid);
-        } else if (strcmp(status, "processing") == 0) {
-            pay__copy(paid->provider_status, sizeof paid->provider_status,
-                      status); /* a webhook tells */
-        } else {
-            json_t *lpe = json_object_get(root, "last_payment_error");
-            rc = declined(ctx, status, lpe,
-                          strcmp(status, "requires_action") == 0
-                              ? "the payment method needs the customer's authentication"
-                              : "the payment method was not charged");
-            if (!pay__jstr(lpe, "decline_code") && !pay__jstr(lpe, "code") &&
-                strcmp(status, "requires_action") == 0)
-                order_error_meta(ctx->err, "decline_code", "authentication_required");
-        }
         goto done;
     }
-    if (r.status == 402) {
-        /* A card_error: the intent exists (requires_payment_method); the order keeps it. */
-        json_t *e = error_of(root), *pi = json_object_get(e, "payment_intent");
-        pay__copy(out->reference, sizeof out->reference,
-                  json_is_string(pi) ? json_string_value(pi) : pay__jstr(pi, "id"));
-        rc = declined(ctx, pay__jstr(pi, "status"), e, "the card was declined");
-        goto done;
-    }
-    const char *param = pay__jstr(error_of(root), "param");
     const char *ecode = pay__jstr(error_of(root), "code");
     if (r.status == 400 && ecode &&
         (strcmp(ecode, "amount_too_small") == 0 || strcmp(ecode, "amount_too_large") == 0)) {
@@ -318,15 +306,90 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_s
         rc = declined(ctx, "refused", error_of(root), "stripe refused the amount");
         goto done;
     }
-    if (charge && (r.status == 400 || r.status == 404) && param &&
-        (strcmp(param, "payment_method") == 0 || strcmp(param, "customer") == 0)) {
-        log_kv(LOG_INFO, "stripe refused a saved payment method", LOG_F_STR, "order_id", o->id,
-               LOG_F_STR, "param", param, LOG_F_STR, "code", pay__jstr(error_of(root), "code"),
-               LOG_F_STR, "request_id", r.request_id[0] ? r.request_id : NULL, LOG_F_END);
-        rc = method_refused(ctx, error_of(root), param);
+    if (for_saved && saved_method_refused(ctx, o, &r, root, &rc))
+        goto done;
+    rc = fail(s, ctx, &r, root, "create a PaymentIntent");
+done:
+    json_decref(root);
+    pay__http_resp_clear(&r);
+    return rc;
+}
+
+/* What a confirmed (or re-read) PaymentIntent's status means for an off-session charge. */
+static int charge_outcome(struct stripe *s, order_ctx *ctx, json_t *root, order_payment_info *paid)
+{
+    const char *status = pay__jstr(root, "status");
+    if (!status)
+        return order_fail(ctx->err, ORDER_EUNAVAILABLE,
+                          "stripe answered a PaymentIntent without status");
+    if (strcmp(status, "succeeded") == 0) {
+        fill_paid(s, ctx, root, paid);
+        return ORDER_OK;
+    }
+    if (strcmp(status, "processing") == 0) {
+        pay__copy(paid->provider_status, sizeof paid->provider_status,
+                  status); /* a webhook tells */
+        return ORDER_OK;
+    }
+    json_t *lpe = json_object_get(root, "last_payment_error");
+    int rc = declined(ctx, status, lpe,
+                      strcmp(status, "requires_action") == 0
+                          ? "the payment method needs the customer's authentication"
+                          : "the payment method was not charged");
+    if (!pay__jstr(lpe, "decline_code") && !pay__jstr(lpe, "code") &&
+        strcmp(status, "requires_action") == 0)
+        order_error_meta(ctx->err, "decline_code", "authentication_required");
+    return rc;
+}
+
+static int st_charge(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
+                     order_payment_info *paid)
+{
+    struct stripe *s = self;
+    memset(paid, 0, sizeof *paid);
+    const char *ref = o->pay_reference;
+    if (!pay__id_safe(ref, STRIPE_ID_MAX))
+        return order_fail(ctx->err, ORDER_EINTERNAL, "order %s has a malformed Stripe reference",
+                          o->id);
+    char path[320], key[64];
+    snprintf(path, sizeof path, "/v1/payment_intents/%s/confirm", ref);
+    snprintf(key, sizeof key, "orderd-charge-%s", o->id);
+    pay__buf form = {0};
+    pay__buf_form(&form, "payment_method", saved->method);
+    pay__buf_form(&form, "off_session", "true");
+    pay__buf_form(&form, "expand[]", "latest_charge");
+    pay__http_resp r;
+    json_t *root = NULL;
+    int rc = call(s, ctx, "POST", path, NULL, &form, key, &r, &root);
+    pay__buf_free(&form);
+    if (rc != ORDER_OK)
+        goto done;
+    if (r.status == 200) {
+        rc = charge_outcome(s, ctx, root, paid);
         goto done;
     }
-    rc = fail(s, ctx, &r, root, "create a PaymentIntent");
+    if (r.status == 402) { /* a card_error: the intent stays (requires_payment_method) */
+        json_t *e = error_of(root), *pi = json_object_get(e, "payment_intent");
+        rc = declined(ctx, json_is_object(pi) ? pay__jstr(pi, "status") : NULL, e,
+                      "the card was declined");
+        goto done;
+    }
+    if (saved_method_refused(ctx, o, &r, root, &rc))
+        goto done;
+    const char *code = pay__jstr(error_of(root), "code");
+    if (r.status == 400 && code && strcmp(code, "payment_intent_unexpected_state") == 0) {
+        /* Confirmed already (another replica, or this call's earlier answer lost under a
+         * key Stripe no longer replays): the intent as it is now is the outcome. */
+        json_decref(root);
+        pay__http_resp_clear(&r);
+        snprintf(path, sizeof path, "/v1/payment_intents/%s", ref);
+        rc = call(s, ctx, "GET", path, "expand%5B%5D=latest_charge", NULL, NULL, &r, &root);
+        if (rc == ORDER_OK)
+            rc = r.status == 200 ? charge_outcome(s, ctx, root, paid)
+                                 : fail(s, ctx, &r, root, "read a PaymentIntent");
+        goto done;
+    }
+    rc = fail(s, ctx, &r, root, "confirm a PaymentIntent");
 done:
     json_decref(root);
     pay__http_resp_clear(&r);
@@ -633,6 +696,7 @@ order_payments *pay_stripe_create(const pay_stripe_config *cfg, char *err, size_
     s->port = (order_payments){
         .self = s,
         .create = st_create,
+        .charge = st_charge,
         .verify = st_verify,
         .refund = st_refund,
         .cancel = st_cancel,

@@ -296,7 +296,10 @@ def test_stripe_saved_payment_method_pays_at_once(orderd, customer):
     c = _pi_creates(orderd, o.order_id)
     assert len(c) == 1
     assert c[0]["form"]["payment_method"] == "pm_card_visa"
-    assert c[0]["form"]["confirm"] == "true" and c[0]["form"]["off_session"] == "true"
+    assert "confirm" not in c[0]["form"]  # created first: no money moves before it is stored
+    confirms = [q for q in _requests(orderd.stripe, "/confirm") if q["method"] == "POST"
+                and q["path"] == "/v1/payment_intents/%s/confirm" % r.payment.reference]
+    assert len(confirms) == 1 and confirms[0]["form"]["off_session"] == "true"
     assert orderd.get(customer, o.order_id) == o
 
 
@@ -979,3 +982,28 @@ def test_unrepresentable_total_fails_the_order(orderd, customer, cur, price, pro
         assert meta.get("decline_code") == "amount_not_representable", meta
         o = _only_order(orderd, customer)
         assert o.status == pb.ORDER_STATUS_FAILED, pb.OrderStatus.Name(o.status)
+
+
+# ---- a saved card charged, its answer lost ---------------------------------------------
+
+def test_a_charge_whose_answer_is_lost_is_refunded_when_the_order_is_cancelled(orderd, customer):
+    """The card is charged while the caller's deadline runs out: the order already keeps
+    the intent (created before any money moved), so cancelling gives the money back."""
+    pid = _product(orderd, 1800)
+    rid = "lost-" + uuid.uuid4().hex
+    req = orderd.place_request([(pid, 1)], request_id=rid, provider=STRIPE)
+    req.payment_method = "pm_card_visa"
+    with _failing(orderd.stripe, "slow", 1, path="/confirm", seconds=2):
+        expect_error(lambda: orderd.call("PlaceOrder", req, customer, timeout=1.0),
+                     grpc.StatusCode.DEADLINE_EXCEEDED)
+        time.sleep(2.5)  # the fake finishes the charge it was slow with
+    [o] = orderd.list_all(customer)
+    assert o.status == pb.ORDER_STATUS_PENDING and o.payment.reference.startswith("pi_")
+    pi = _obj(orderd.stripe, o.payment.reference)
+    assert pi["status"] == "succeeded"  # the money was taken
+
+    got = _cancel(orderd, customer, o.order_id)
+    assert got.status == pb.ORDER_STATUS_CANCELLED
+    assert got.payment.status == pb.PAYMENT_STATUS_REFUNDED
+    refunds = [r for r in _stripe_refunds(orderd, pi["id"]) if r["status"] == 200]
+    assert len(refunds) == 1

@@ -100,13 +100,21 @@ static size_t count_reqs(const char *method, const char *path)
 
 /* ---- calls ---- */
 
-/* pm: NULL = no saved method; customer: the Stripe customer it is saved to, or NULL. */
+/* pm: NULL = no saved method; customer: the Stripe customer it is saved to, or NULL.
+ * With a saved method, the domain's two steps: create the intent, then (the order keeping
+ * its id) charge it. */
 static int create_for(const order_t *o, const char *pm, const char *customer,
                       order_payment_action *a, order_payment_info *paid, order_error *e)
 {
     order_ctx ctx = fake_ctx(e, 0);
     order_saved_method saved = {pm, customer};
-    return PAY->create(PAY->self, &ctx, o, pm ? &saved : NULL, a, paid);
+    int rc = PAY->create(PAY->self, &ctx, o, pm ? &saved : NULL, a, paid);
+    if (rc != ORDER_OK || !pm)
+        return rc;
+    order_t kept = *o;
+    snprintf(kept.pay_reference, sizeof kept.pay_reference, "%s", a->reference);
+    kept.pay_provider = ORDER_PROVIDER_STRIPE;
+    return PAY->charge(PAY->self, &ctx, &kept, &saved, paid);
 }
 
 static int create(const order_t *o, const char *pm, order_payment_action *a,
@@ -377,14 +385,35 @@ static void test_saved_card_that_succeeds(void **state)
     assert_true(strncmp(paid.receipt_url, "https://", 8) == 0);
     assert_string_equal(paid.provider_status, "succeeded");
 
-    json_t *r = last_req("POST", "/v1/payment_intents");
+    /* Created for the method, not confirmed: no money moves before the order has the id. */
+    json_t *all = fake_requests(&F, "POST", "/v1/payment_intents");
+    assert_int_equal(json_array_size(all), 2);
+    json_t *r = json_array_get(all, 0);
+    assert_string_equal(jpath(r, "path", NULL), "/v1/payment_intents");
     assert_string_equal(jpath(r, "form", "payment_method"), "pm_card_visa");
-    assert_string_equal(jpath(r, "form", "confirm"), "true");
-    assert_string_equal(jpath(r, "form", "off_session"), "true");
+    assert_null(jpath(r, "form", "confirm"));
     char key[80];
     snprintf(key, sizeof key, "orderd-pi-%s-pm", o.id);
     assert_string_equal(jpath(r, "headers", "idempotency-key"), key);
-    json_decref(r);
+    /* Then confirmed off-session, under a key of its own. */
+    r = json_array_get(all, 1);
+    char path[320];
+    snprintf(path, sizeof path, "/v1/payment_intents/%s/confirm", a.reference);
+    assert_string_equal(jpath(r, "path", NULL), path);
+    assert_string_equal(jpath(r, "form", "off_session"), "true");
+    assert_string_equal(jpath(r, "form", "payment_method"), "pm_card_visa");
+    snprintf(key, sizeof key, "orderd-charge-%s", o.id);
+    assert_string_equal(jpath(r, "headers", "idempotency-key"), key);
+    json_decref(all);
+
+    /* Charged again (a retry after a lost answer): the same charge, not a second one. */
+    order_t kept = o;
+    snprintf(kept.pay_reference, sizeof kept.pay_reference, "%s", a.reference);
+    order_ctx ctx = fake_ctx(&e, 0);
+    order_saved_method saved = {"pm_card_visa", NULL};
+    order_payment_info again;
+    assert_int_equal(PAY->charge(PAY->self, &ctx, &kept, &saved, &again), ORDER_OK);
+    assert_string_equal(again.charge_id, paid.charge_id);
 }
 
 static void test_saved_card_declined(void **state)
@@ -401,9 +430,7 @@ static void test_saved_card_declined(void **state)
     assert_string_equal(fake_meta(&e, "provider_status"), "requires_payment_method");
     assert_true(strncmp(a.reference, "pi_", 3) == 0); /* the order records the intent */
     assert_int_equal(paid.paid_at_us, 0);
-    json_t *reqs = fake_requests(&F, "POST", "/v1/payment_intents");
-    assert_int_equal(json_array_size(reqs), 1); /* a 402 is an answer: not retried */
-    json_decref(reqs);
+    assert_int_equal(count_reqs("POST", "/confirm"), 1); /* a 402 is an answer: not retried */
 
     fake_order(&o, "EUR", 2599);
     assert_int_equal(create(&o, "pm_card_authenticationRequired", &a, &paid, &e),
@@ -440,10 +467,11 @@ static void test_saved_card_of_a_customer(void **state)
     fake_order(&o, "EUR", 2599);
     assert_int_equal(create_for(&o, pm, cus, &a, &paid, &e), ORDER_OK);
     assert_true(paid.paid_at_us > 0);
-    json_t *r = last_req("POST", "/v1/payment_intents");
+    json_t *all = fake_requests(&F, "POST", "/v1/payment_intents");
+    json_t *r = json_array_get(all, 0); /* the customer goes with the creation */
     assert_string_equal(jpath(r, "form", "payment_method"), pm);
     assert_string_equal(jpath(r, "form", "customer"), cus);
-    json_decref(r);
+    json_decref(all);
 }
 
 /* Stripe refusing the method itself (saved to a customer the request does not name, or

@@ -716,12 +716,28 @@ static int fp_create(void *self, order_ctx *ctx, const order_t *o, const order_s
     }
     out->provider = fp->provider;
     copy_str(out->reference, sizeof out->reference, p->reference);
-    if (!saved)
-        return ORDER_OK;
+    if (saved)
+        copy_str(fp->last_customer, sizeof fp->last_customer,
+                 saved->customer ? saved->customer : "");
+    return ORDER_OK;
+}
+
+/* A saved payment method, charged at once (off-session): "pm_declined[:code]" is declined,
+ * "pm_processing" stays processing, "pm_lost" is charged but the answer is lost
+ * (ORDER_EUNAVAILABLE), anything else succeeds. */
+static int fp_charge(void *self, order_ctx *ctx, const order_t *o, const order_saved_method *saved,
+                     order_payment_info *paid)
+{
+    fake_payments *fp = self;
+    memset(paid, 0, sizeof *paid);
+    int rc = pay_enter(fp, ctx, FAKE_PAY_CHARGE);
+    if (rc != ORDER_OK)
+        return rc;
+    fake_payment *p = find_pay(fp, o->id);
+    assert_non_null(p);                                  /* created first */
+    assert_string_equal(o->pay_reference, p->reference); /* and kept by the order */
     const char *payment_method = saved->method;
     copy_str(fp->last_customer, sizeof fp->last_customer, saved->customer ? saved->customer : "");
-
-    /* A saved payment method, charged at once (off-session). */
     if (strncmp(payment_method, DECLINED_PM, strlen(DECLINED_PM)) == 0) {
         if (p->status == ORDER_PAY_PENDING) {
             p->charges++;
@@ -741,6 +757,8 @@ static int fp_create(void *self, order_ctx *ctx, const order_t *o, const order_s
     } else if (p->status == ORDER_PAY_PENDING) {
         p->charges++;
         pay_succeed(fp, p);
+        if (strcmp(payment_method, "pm_lost") == 0)
+            return order_fail(ctx->err, ORDER_EUNAVAILABLE, "the charge's answer was lost");
     }
     if (p->status == ORDER_PAY_SUCCEEDED || p->status == ORDER_PAY_REFUNDED)
         pay_info(p, paid);
@@ -817,6 +835,7 @@ fake_payments *fake_payments_create(order_provider provider)
     fp->port = (order_payments){
         .self = fp,
         .create = fp_create,
+        .charge = fp_charge,
         .verify = fp_verify,
         .refund = fp_refund,
         .cancel = fp_cancel,

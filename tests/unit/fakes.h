@@ -130,6 +130,7 @@ enum fake_pay_op {
     FAKE_PAY_VERIFY,
     FAKE_PAY_REFUND,
     FAKE_PAY_CANCEL,
+    FAKE_PAY_CHARGE,
     FAKE_PAY_NOPS
 };
 

@@ -297,6 +297,49 @@ static void test_place_while_the_charge_is_processing(void **state)
     order_clear(&o);
 }
 
+/* The card is charged but the answer is lost (a timeout): the order already keeps its
+ * payment, so the caller's retry finds it paid, and a cancel instead gives the money back. */
+static void test_place_charge_answer_lost_then_retry_or_cancel(void **state)
+{
+    fake_env *env = *state;
+    order_line_cmd line = {"apple", 1};
+    order_place_cmd cmd = stripe_cmd("pm-lost-1", &line, "pm_lost");
+    order_t o = {0};
+    order_payment_action a;
+    bool replayed;
+    assert_int_equal(order_place(&env->svc, &env->ctx, &cmd, &o, &a, &replayed),
+                     ORDER_EUNAVAILABLE);
+    const order_t *s = &env->store->orders[0];
+    char id[ORDER_ID_LEN + 1];
+    snprintf(id, sizeof id, "%s", s->id);
+    const fake_payment *p = fake_payments_find(env->stripe, id);
+    assert_int_equal(p->status, ORDER_PAY_SUCCEEDED); /* charged at the provider */
+    assert_int_equal(s->status, ORDER_STATUS_PENDING);
+    assert_int_equal(s->pay_status, ORDER_PAY_PENDING);
+    assert_string_equal(s->pay_reference, p->reference); /* known before the charge */
+
+    /* The retry: the same charge (keyed by the order) reports it paid; nothing charged twice. */
+    fake_env_again(env);
+    assert_int_equal(order_place(&env->svc, &env->ctx, &cmd, &o, &a, &replayed), ORDER_OK);
+    assert_true(replayed);
+    assert_int_equal(o.status, ORDER_STATUS_PAID);
+    assert_int_equal(p->charges, 1);
+    order_clear(&o);
+
+    /* Another order, cancelled instead of retried: refunded, not kept. */
+    cmd.request_id = "pm-lost-2";
+    fake_env_again(env);
+    assert_int_equal(order_place(&env->svc, &env->ctx, &cmd, &o, &a, &replayed),
+                     ORDER_EUNAVAILABLE);
+    snprintf(id, sizeof id, "%s", env->store->orders[1].id);
+    fake_env_again(env);
+    assert_int_equal(order_cancel(&env->svc, &env->ctx, id, "changed my mind", &o), ORDER_OK);
+    assert_int_equal(o.status, ORDER_STATUS_CANCELLED);
+    assert_int_equal(o.pay_status, ORDER_PAY_REFUNDED);
+    assert_int_equal(fake_payments_refunds(env->stripe, id), 1);
+    order_clear(&o);
+}
+
 static void test_place_payment_method_needs_stripe(void **state)
 {
     fake_env *env = *state;
@@ -639,6 +682,7 @@ int main(void)
         T(test_place_charges_a_saved_payment_method),
         T(test_place_declined_fails_the_order),
         T(test_place_while_the_charge_is_processing),
+        T(test_place_charge_answer_lost_then_retry_or_cancel),
         T(test_place_payment_method_needs_stripe),
         T(test_place_declined_when_the_void_fails),
         T(test_place_declined_with_little_time_left_skips_the_void),
