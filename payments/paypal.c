@@ -832,6 +832,32 @@ static int refund_scope(struct paypal *p, order_ctx *ctx, order_payment_event *e
     return out;
 }
 
+/* What a genuine delivery's headers look like, checked before PayPal is asked: printable
+ * ASCII of sane length, PayPal's one algorithm, a certificate on an https paypal.com host.
+ * Anything else cannot verify, so it is refused (400) here, without an outbound call that
+ * an anonymous client could otherwise trigger at will (and which, were its values not
+ * valid UTF-8 for the JSON request, would be answered 503). */
+static bool header_plausible(size_t i, const char *v)
+{
+    size_t n = strlen(v);
+    if (n > 2048)
+        return false;
+    for (size_t k = 0; k < n; k++)
+        if ((unsigned char)v[k] < 0x21 || (unsigned char)v[k] > 0x7e)
+            return false;
+    if (i == 0) /* PAYPAL-AUTH-ALGO */
+        return strcmp(v, "SHA256withRSA") == 0;
+    if (i == 1) { /* PAYPAL-CERT-URL: https://<host ending in paypal.com>/... */
+        if (strncmp(v, "https://", 8) != 0)
+            return false;
+        const char *host = v + 8;
+        size_t hl = strcspn(host, "/:?#");
+        return (hl == 10 && strncmp(host, "paypal.com", 10) == 0) ||
+               (hl > 11 && strncmp(host + hl - 11, ".paypal.com", 11) == 0);
+    }
+    return true;
+}
+
 int pay_paypal_webhook(order_payments *paypal, order_ctx *ctx, const char *webhook_id,
                        const pay_paypal_headers *h, const char *body, size_t len,
                        order_payment_event *ev, char *err, size_t errlen)
@@ -861,6 +887,11 @@ int pay_paypal_webhook(order_payments *paypal, order_ctx *ctx, const char *webho
     for (size_t i = 0; i < 5; i++) {
         if (!values[i] || !*values[i]) {
             snprintf(err, errlen, "no %s header", names[i]);
+            json_decref(event);
+            return PAY_WEBHOOK_BAD_SIGNATURE;
+        }
+        if (!header_plausible(i, values[i])) {
+            snprintf(err, errlen, "%s is not one PayPal sends", names[i]);
             json_decref(event);
             return PAY_WEBHOOK_BAD_SIGNATURE;
         }

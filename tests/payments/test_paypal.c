@@ -683,6 +683,23 @@ static void test_webhooks(void **state)
     assert_int_equal(count_reqs(NULL, "verify-webhook-signature"), before);
     free(d.body);
 
+    /* Headers no PayPal delivery has (garbage, bytes that are not UTF-8, a certificate
+     * elsewhere): refused without asking PayPal, never "unavailable". */
+    make_event(&d, "PAYMENT.CAPTURE.COMPLETED", a.reference, false);
+    before = count_reqs(NULL, "verify-webhook-signature");
+    d.h.auth_algo = "\xff";
+    assert_int_equal(deliver(&d, &ev, err), PAY_WEBHOOK_BAD_SIGNATURE);
+    d.h.auth_algo = "none";
+    assert_int_equal(deliver(&d, &ev, err), PAY_WEBHOOK_BAD_SIGNATURE);
+    d.h.auth_algo = d.algo;
+    d.h.cert_url = "https://evil.example/paypal.com/cert";
+    assert_int_equal(deliver(&d, &ev, err), PAY_WEBHOOK_BAD_SIGNATURE);
+    d.h.cert_url = "https://api.paypal.com.evil.example/cert";
+    assert_int_equal(deliver(&d, &ev, err), PAY_WEBHOOK_BAD_SIGNATURE);
+    assert_int_equal(count_reqs(NULL, "verify-webhook-signature"), before);
+    d.h.cert_url = d.cert;
+    free(d.body);
+
     /* Not JSON at all. */
     make_event(&d, "PAYMENT.CAPTURE.COMPLETED", a.reference, false);
     order_ctx ctx = fake_ctx(&e, 0);
