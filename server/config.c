@@ -1103,6 +1103,13 @@ static void sb_put(sbuf *b, const char *s, size_t n)
 
 #define MASK "****"
 
+/* libpq's secret keywords: the password, and the passphrase of the client key. */
+static bool secret_key(const char *k, size_t n)
+{
+    return (n == 8 && strncmp(k, "password", 8) == 0) ||
+           (n == 11 && strncmp(k, "sslpassword", 11) == 0);
+}
+
 /* postgresql://user:password@host/db?password=x&... */
 static bool mask_uri(const char *dsn, const char *rest, sbuf *b)
 {
@@ -1135,8 +1142,10 @@ static bool mask_uri(const char *dsn, const char *rest, sbuf *b)
     for (const char *p = q + 1; *p;) {
         size_t n = strcspn(p, "&");
         const char *eq = memchr(p, '=', n);
-        if (eq && (size_t)(eq - p) == 8 && strncmp(p, "password", 8) == 0) {
-            sb_put(b, "password=" MASK, strlen("password=" MASK));
+        /* libpq percent-decodes keywords too: an encoded one may be a password. */
+        if (eq && (secret_key(p, (size_t)(eq - p)) || memchr(p, '%', (size_t)(eq - p)))) {
+            sb_put(b, p, (size_t)(eq - p) + 1);
+            sb_put(b, MASK, strlen(MASK));
         } else {
             sb_put(b, p, n);
         }
@@ -1191,7 +1200,7 @@ static bool mask_kv(const char *dsn, sbuf *b)
         }
         sb_put(b, key, keylen);
         sb_put(b, "=", 1);
-        if (keylen == 8 && strncmp(key, "password", 8) == 0)
+        if (secret_key(key, keylen))
             sb_put(b, MASK, strlen(MASK));
         else
             sb_put(b, val, (size_t)(p - val));

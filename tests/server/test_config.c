@@ -806,6 +806,24 @@ static void test_log_line_masks_secrets(void **state)
     free(out);
 }
 
+static void test_log_line_stays_utf8(void **state)
+{
+    (void)state;
+    capture c = capture_begin();
+    log_kv(LOG_ERROR, "http", LOG_F_STR, "path", "/\xff\xfe\xc3", LOG_F_STR, "ok",
+           "caf\xc3\xa9 \xe2\x82\xac", LOG_F_END);
+    char *out = capture_end(c);
+    json_error_t jerr;
+    json_t *line = json_loads(out, 0, &jerr); /* jansson refuses invalid UTF-8 */
+    if (!line)
+        fail_msg("not JSON: %s: %s", jerr.text, out);
+    assert_string_equal(json_string_value(json_object_get(line, "path")),
+                        "/\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
+    assert_string_equal(json_string_value(json_object_get(line, "ok")), "caf\xc3\xa9 \xe2\x82\xac");
+    json_decref(line);
+    free(out);
+}
+
 static void test_mask_dsn(void **state)
 {
     (void)state;
@@ -822,6 +840,10 @@ static void test_mask_dsn(void **state)
         {"postgresql://u@h/db?password=pw&sslmode=x",
          "postgresql://u@h/db?password=****&sslmode=x"},
         {"postgresql://h/db", "postgresql://h/db"},
+        {"host=h sslpassword=kp password=pw", "host=h sslpassword=**** password=****"},
+        {"postgresql://u@h/db?sslpassword=kp&sslmode=x",
+         "postgresql://u@h/db?sslpassword=****&sslmode=x"},
+        {"postgresql://u@h/db?pass%77ord=pw", "postgresql://u@h/db?pass%77ord=****"},
         {"password='unterminated", "(hidden)"},
         {"just garbage", "(hidden)"},
     };
@@ -1015,6 +1037,7 @@ int main(void)
         T(test_short_secret_production_vs_development),
         T(test_log_line_masks_secrets),
         T(test_mask_dsn),
+        T(test_log_line_stays_utf8),
         T(test_env_name),
         T(test_every_setting_has_env_override),
         T(test_docs_and_shipped_config_name_every_setting),
