@@ -1,5 +1,6 @@
 /* log.c — one JSON object per line on stderr; see log.h. */
 #include "common/log.h"
+#include "common/utf8.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -51,34 +52,6 @@ static void puts_raw(line *l, const char *s)
     put(l, s, strlen(s));
 }
 
-/* Length of the well-formed UTF-8 sequence at p (1..4), or 0 if it is not one. */
-static size_t utf8_len(const unsigned char *p)
-{
-    unsigned char c = p[0];
-    size_t n;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c < 0x80)
-        return 1;
-    if (c >= 0xC2 && c <= 0xDF)
-        n = 2;
-    else if (c >= 0xE0 && c <= 0xEF) {
-        n = 3;
-        lo = c == 0xE0 ? 0xA0 : 0x80; /* no overlong forms */
-        hi = c == 0xED ? 0x9F : 0xBF; /* no surrogates */
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        n = 4;
-        lo = c == 0xF0 ? 0x90 : 0x80;
-        hi = c == 0xF4 ? 0x8F : 0xBF;
-    } else
-        return 0;
-    if (p[1] < lo || p[1] > hi)
-        return 0;
-    for (size_t i = 2; i < n; i++)
-        if (p[i] < 0x80 || p[i] > 0xBF)
-            return 0;
-    return n;
-}
-
 /* JSON string escaping; control bytes become \u00XX, and bytes that are not UTF-8 (a
  * request path, a peer's message) U+FFFD, so that every line stays valid JSON. */
 static void put_json_str(line *l, const char *s)
@@ -87,7 +60,7 @@ static void put_json_str(line *l, const char *s)
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         char esc[8];
         if (*p >= 0x80) {
-            size_t n = utf8_len(p);
+            size_t n = utf8_seq_len(p, 4); /* stops at the NUL */
             if (n == 0) {
                 put(l, "\\ufffd", 6);
             } else {
