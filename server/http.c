@@ -7,14 +7,16 @@
  *   GET  /healthz           200 {"status":"SERVING"} or 503 with the status name
  *
  * DESIGN
- * MHD runs its own threads: a pool of cfg->http_threads, each polling (epoll where
- * available) its share of the connections and calling the handlers below, so a handler
- * that blocks in libpq or libcurl stalls only that thread's connections. Webhooks need the
- * domain, and a domain service owns connections that must not be shared between threads:
- * each pool thread opens its own srv_bg on its first webhook (a thread-local pointer) and
- * registers it in a list under a mutex, so that srv_http_stop can close every one of them
- * once MHD_stop_daemon has joined the threads. A thread whose srv_bg_open failed tries
- * again at most once a second and answers 503 meanwhile: the providers retry.
+ * MHD gives every connection a thread of its own (up to HTTP_MAX_CONNECTIONS), so a
+ * webhook that blocks in libpq or libcurl (PayPal's verification, a refund) holds up only
+ * its own connection: /healthz and /metrics never wait behind one. Webhooks need the
+ * domain, and a domain service owns a database connection that must not be shared between
+ * threads: they come from a pool of at most http.threads (http_slot), opened on first use,
+ * taken by the connection thread that handles a webhook and given back when it is done.
+ * When every slot is busy a webhook waits up to WEBHOOK_SLOT_WAIT_US, then answers 503
+ * (the providers retry). A slot whose srv_bg_open failed tries again at most once a
+ * second, answering 503 meanwhile. srv_http_stop closes every slot once MHD_stop_daemon
+ * has joined the threads.
  *
  * Answers follow what the providers do with them: a 2xx ends the delivery, anything else
  * is retried later (Stripe for days, PayPal up to 25 times). So an event that can never
@@ -43,6 +45,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "common/clock.h"
 #include "common/log.h"
@@ -54,17 +57,18 @@
 #define HTTP_MAX_CONNECTIONS 256         /* shared by the pool's threads */
 #define HTTP_CONN_MEMORY     (64 * 1024) /* per connection: headers and I/O buffers */
 #define WEBHOOK_DEADLINE_US  (10 * 1000000LL)
-#define BG_RETRY_US          1000000    /* a thread retries srv_bg_open at most this often */
-#define BG_ACTOR             "webhooks" /* history rows' "who" for webhook transitions */
+#define WEBHOOK_SLOT_WAIT_US (5 * 1000000LL) /* longest wait for a free domain service */
+#define BG_RETRY_US          1000000         /* a thread retries srv_bg_open at most this often */
+#define BG_ACTOR             "webhooks"      /* history rows' "who" for webhook transitions */
 
-/* A pool thread's own domain service (see DESIGN). */
-typedef struct http_thread http_thread;
-struct http_thread {
-    srv_http *h;
-    srv_bg *bg;                /* NULL until the first webhook, or after a failed open */
+/* A domain service for webhooks, taken by one connection thread at a time (see DESIGN). */
+typedef struct http_slot http_slot;
+struct http_slot {
+    srv_bg *bg;                /* NULL until first used, or after a failed open */
     int64_t next_open_mono_us; /* no srv_bg_open before this, after a failure */
     order_error err;           /* the context's error slot; large, so not on the stack */
-    http_thread *next;
+    http_slot *next;           /* every slot */
+    http_slot *next_free;      /* the free list */
 };
 
 struct srv_http {
@@ -72,15 +76,14 @@ struct srv_http {
     struct MHD_Daemon *d;
     char *stripe_secret; /* NUL-terminated copy of the endpoint secret; NULL = none */
     unsigned port;
-    pthread_mutex_t mu;   /* guards threads and start_err */
-    http_thread *threads; /* every pool thread that served a webhook */
-    bool starting;        /* MHD's messages go to start_err, for srv_http_start's err */
+    pthread_mutex_t mu;   /* guards the slots and start_err */
+    pthread_cond_t freed; /* a slot was given back (CLOCK_MONOTONIC) */
+    http_slot *slots;     /* every slot made */
+    http_slot *free;      /* those not in use */
+    unsigned nslots, max_slots;
+    bool starting; /* MHD's messages go to start_err, for srv_http_start's err */
     char start_err[256];
 };
-
-/* The calling pool thread's state. One daemon at a time owns a thread, but the owner is
- * checked anyway: a thread-local must never hand one server's service to another. */
-static _Thread_local http_thread *tls_thread;
 
 typedef enum route { ROUTE_NONE, ROUTE_STRIPE, ROUTE_PAYPAL, ROUTE_HEALTH, ROUTE_METRICS } route;
 
@@ -150,40 +153,67 @@ static enum MHD_Result respond_405(struct MHD_Connection *c, http_req *r, const 
                    sizeof body - 1, allow);
 }
 
-/* ---- the per-thread domain service ---- */
+/* ---- the webhooks' domain services ---- */
 
-static http_thread *thread_state(srv_http *h)
+/* A free slot, or a new one while there are fewer than max_slots; waits for one to be
+ * given back otherwise. NULL with r->detail set when none came in time. */
+static http_slot *slot_wait(srv_http *h, http_req *r)
 {
-    http_thread *t = tls_thread;
-    if (t && t->h == h)
-        return t;
-    t = calloc(1, sizeof *t);
-    if (!t)
-        return NULL;
-    t->h = h;
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += WEBHOOK_SLOT_WAIT_US / 1000000;
+    http_slot *t = NULL;
     pthread_mutex_lock(&h->mu);
-    t->next = h->threads;
-    h->threads = t;
+    for (;;) {
+        if (h->free) {
+            t = h->free;
+            h->free = t->next_free;
+            break;
+        }
+        if (h->nslots < h->max_slots) {
+            t = calloc(1, sizeof *t);
+            if (t) {
+                t->next = h->slots;
+                h->slots = t;
+                h->nslots++;
+            } else {
+                snprintf(r->detail, sizeof r->detail, "out of memory");
+            }
+            break;
+        }
+        if (pthread_cond_timedwait(&h->freed, &h->mu, &until) != 0 && !h->free) {
+            snprintf(r->detail, sizeof r->detail,
+                     "all %u webhook domain services stayed busy (http.threads)", h->max_slots);
+            break;
+        }
+    }
     pthread_mutex_unlock(&h->mu);
-    tls_thread = t;
     return t;
 }
 
-/* The thread's service, opened on first use; NULL with r->detail set if it cannot be. */
-static srv_bg *thread_bg(srv_http *h, http_req *r, http_thread **tout)
+static void slot_give(srv_http *h, http_slot *t)
 {
-    http_thread *t = thread_state(h);
-    *tout = t;
-    if (!t) {
-        snprintf(r->detail, sizeof r->detail, "out of memory");
-        return NULL;
-    }
-    if (t->bg)
-        return t->bg;
+    if (!t)
+        return;
+    pthread_mutex_lock(&h->mu);
+    t->next_free = h->free;
+    h->free = t;
+    pthread_cond_signal(&h->freed);
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* A slot with its service open, for this request (give it back with slot_give); NULL with
+ * r->detail set if none can be had now. */
+static http_slot *slot_take(srv_http *h, http_req *r)
+{
+    http_slot *t = slot_wait(h, r);
+    if (!t || t->bg)
+        return t;
     int64_t now = clock_mono_us();
     if (now < t->next_open_mono_us) {
         snprintf(r->detail, sizeof r->detail,
                  "the domain service could not be opened a moment ago; retrying later");
+        slot_give(h, t);
         return NULL;
     }
     char err[256] = "";
@@ -193,8 +223,10 @@ static srv_bg *thread_bg(srv_http *h, http_req *r, http_thread **tout)
         log_kv(LOG_WARN, "http: cannot open the domain service for webhooks", LOG_F_STR, "error",
                err, LOG_F_END);
         snprintf(r->detail, sizeof r->detail, "cannot open the domain service: %s", err);
+        slot_give(h, t);
+        return NULL;
     }
-    return t->bg;
+    return t;
 }
 
 /* ---- webhooks ---- */
@@ -232,7 +264,7 @@ static enum MHD_Result webhook_unavailable(struct MHD_Connection *c, http_req *r
 }
 
 /* Applies a verified event through the domain and answers (see DESIGN for the mapping).
- * bg and ctx: NULL to open / make them here (Stripe), or PayPal's, whose deadline covers
+ * bg and ctx: NULL to take a slot here (Stripe), or PayPal's slot's, whose deadline covers
  * both the verification and this. */
 static enum MHD_Result webhook_apply(srv_http *h, struct MHD_Connection *c, http_req *r, srv_bg *bg,
                                      order_ctx *ctx)
@@ -245,12 +277,13 @@ static enum MHD_Result webhook_apply(srv_http *h, struct MHD_Connection *c, http
         return respond_json(c, r, MHD_HTTP_OK, "{\"received\":true}");
     }
     order_ctx own;
+    http_slot *mine = NULL;
     if (!bg) {
-        http_thread *t;
-        bg = thread_bg(h, r, &t);
-        if (!bg)
+        mine = slot_take(h, r);
+        if (!mine)
             return webhook_unavailable(c, r);
-        own = srv_bg_ctx(bg, &t->err, WEBHOOK_DEADLINE_US);
+        bg = mine->bg;
+        own = srv_bg_ctx(bg, &mine->err, WEBHOOK_DEADLINE_US);
         ctx = &own;
     }
     order_t o;
@@ -262,6 +295,7 @@ static enum MHD_Result webhook_apply(srv_http *h, struct MHD_Connection *c, http
     order_clear(&o);
     if (rc != ORDER_OK)
         snprintf(r->detail, sizeof r->detail, "%s: %s", order_code_name(rc), ctx->err->message);
+    slot_give(h, mine);
 
     switch (rc) {
     case ORDER_OK: /* applied, or already reflected (ConfirmPayment got there first) */
@@ -312,6 +346,9 @@ static enum MHD_Result webhook_stripe(srv_http *h, struct MHD_Connection *c, htt
     return webhook_apply(h, c, r, NULL, NULL);
 }
 
+static enum MHD_Result webhook_paypal_with(srv_http *h, struct MHD_Connection *c, http_req *r,
+                                           http_slot *t);
+
 static enum MHD_Result webhook_paypal(srv_http *h, struct MHD_Connection *c, http_req *r)
 {
     const srv_config *cfg = h->srv->cfg;
@@ -324,10 +361,20 @@ static enum MHD_Result webhook_paypal(srv_http *h, struct MHD_Connection *c, htt
         return respond_error(c, r, MHD_HTTP_SERVICE_UNAVAILABLE,
                              "paypal webhooks are not configured");
     }
-    http_thread *t;
-    srv_bg *bg = thread_bg(h, r, &t);
-    if (!bg)
+    http_slot *t = slot_take(h, r);
+    if (!t)
         return webhook_unavailable(c, r);
+    enum MHD_Result res = webhook_paypal_with(h, c, r, t);
+    slot_give(h, t);
+    return res;
+}
+
+/* The PayPal webhook, holding slot t: verified through PayPal, then applied. */
+static enum MHD_Result webhook_paypal_with(srv_http *h, struct MHD_Connection *c, http_req *r,
+                                           http_slot *t)
+{
+    const srv_config *cfg = h->srv->cfg;
+    srv_bg *bg = t->bg;
     order_payments *paypal = srv_bg_provider(bg, ORDER_PROVIDER_PAYPAL);
     if (!paypal) {
         snprintf(r->detail, sizeof r->detail, "the PayPal provider is not configured");
@@ -661,9 +708,9 @@ static void http_free(srv_http *h)
 {
     if (!h)
         return;
-    http_thread *t = h->threads;
+    http_slot *t = h->slots;
     while (t) {
-        http_thread *next = t->next;
+        http_slot *next = t->next;
         srv_bg_close(t->bg);
         free(t);
         t = next;
@@ -672,6 +719,7 @@ static void http_free(srv_http *h)
         explicit_bzero(h->stripe_secret, strlen(h->stripe_secret));
         free(h->stripe_secret);
     }
+    pthread_cond_destroy(&h->freed);
     pthread_mutex_destroy(&h->mu);
     free(h);
 }
@@ -696,6 +744,12 @@ int srv_http_start(srv_server *srv, char *err, size_t errlen)
     }
     h->srv = srv;
     pthread_mutex_init(&h->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->freed, &ca);
+    pthread_condattr_destroy(&ca);
+    h->max_slots = cfg->http_threads > 0 ? (unsigned)cfg->http_threads : 1;
     if (cfg->stripe_webhook_secret) {
         if (memchr(cfg->stripe_webhook_secret, '\0', cfg->stripe_webhook_secret_len)) {
             snprintf(err, errlen, "payments.stripe.webhook_secret contains a NUL byte");
@@ -712,18 +766,18 @@ int srv_http_start(srv_server *srv, char *err, size_t errlen)
         h->stripe_secret[cfg->stripe_webhook_secret_len] = '\0';
     }
 
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
-    flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
+    /* A thread per connection (see DESIGN); its listening thread polls with poll(). */
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
+                     MHD_USE_ERROR_LOG | MHD_USE_POLL;
     if (addr.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
-    unsigned threads = cfg->http_threads > 0 ? (unsigned)cfg->http_threads : 1;
     h->starting = true;
-    h->d = MHD_start_daemon(
-        flags, 0, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,
-        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr, MHD_OPTION_THREAD_POOL_SIZE, threads,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTP_TIMEOUT_S, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned)HTTP_MAX_CONNECTIONS, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)HTTP_CONN_MEMORY, MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_END);
+    h->d = MHD_start_daemon(flags, 0, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER,
+                            on_mhd_log, h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTP_TIMEOUT_S,
+                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)HTTP_MAX_CONNECTIONS,
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_CONN_MEMORY,
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, h, MHD_OPTION_END);
     pthread_mutex_lock(&h->mu);
     h->starting = false;
     pthread_mutex_unlock(&h->mu);
@@ -745,8 +799,9 @@ int srv_http_start(srv_server *srv, char *err, size_t errlen)
     srv->http = h;
 
     log_kv(LOG_INFO, "http side port listening", LOG_F_STR, "listen", cfg->http_listen, LOG_F_INT,
-           "port", (int64_t)h->port, LOG_F_INT, "threads", (int64_t)threads, LOG_F_STR,
-           "stripe_webhooks", h->stripe_secret ? "on" : "off", LOG_F_STR, "paypal_webhooks",
+           "port", (int64_t)h->port, LOG_F_INT, "webhook_services", (int64_t)h->max_slots,
+           LOG_F_STR, "stripe_webhooks", h->stripe_secret ? "on" : "off", LOG_F_STR,
+           "paypal_webhooks",
            cfg->paypal_enabled ? (cfg->paypal_webhook_id[0] ? "on" : "unconfigured") : "off",
            LOG_F_END);
     if (cfg->stripe_enabled && !h->stripe_secret)

@@ -63,12 +63,13 @@ static atomic_int fake_violations;
     } while (0)
 
 struct srv_bg {
-    pthread_t owner;
+    atomic_int users; /* threads inside the service now: never more than one */
     order_service svc;
     int paypal_dummy;
 };
-static int bg_opens, bg_closes, bg_wrong_thread;
-static bool bg_fail; /* srv_bg_open fails */
+static int bg_opens, bg_closes, bg_shared;
+static atomic_int apply_sleep_ms; /* each apply takes this long */
+static bool bg_fail;              /* srv_bg_open fails */
 
 srv_bg *srv_bg_open(srv_server *srv, const char *actor, char *err, size_t errlen)
 {
@@ -82,7 +83,6 @@ srv_bg *srv_bg_open(srv_server *srv, const char *actor, char *err, size_t errlen
         return NULL;
     }
     srv_bg *bg = calloc(1, sizeof *bg);
-    bg->owner = pthread_self();
     CHECK(strcmp(actor, "webhooks") == 0);
     return bg;
 }
@@ -99,11 +99,6 @@ void srv_bg_close(srv_bg *bg)
 
 order_service *srv_bg_service(srv_bg *bg)
 {
-    if (!pthread_equal(bg->owner, pthread_self())) {
-        pthread_mutex_lock(&fake_mu);
-        bg_wrong_thread++;
-        pthread_mutex_unlock(&fake_mu);
-    }
     return &bg->svc;
 }
 
@@ -207,6 +202,16 @@ int order_apply_payment_event(order_service *svc, order_ctx *ctx, const order_pa
 {
     CHECK(svc != NULL);
     CHECK(ctx->deadline_mono_us > 0);
+    srv_bg *bg = (srv_bg *)((char *)svc - offsetof(srv_bg, svc));
+    if (atomic_fetch_add(&bg->users, 1) != 0) { /* another thread is in this service */
+        pthread_mutex_lock(&fake_mu);
+        bg_shared++;
+        pthread_mutex_unlock(&fake_mu);
+    }
+    int ms = atomic_load(&apply_sleep_ms);
+    if (ms > 0)
+        usleep((useconds_t)ms * 1000);
+    atomic_fetch_sub(&bg->users, 1);
     pthread_mutex_lock(&fake_mu);
     apply_calls++;
     pthread_mutex_unlock(&fake_mu);
@@ -272,7 +277,8 @@ static unsigned char secret[] = "whsec_test_secret";
 
 static void reset_fakes(void)
 {
-    bg_opens = bg_closes = bg_wrong_thread = 0;
+    bg_opens = bg_closes = bg_shared = 0;
+    atomic_store(&apply_sleep_ms, 0);
     bg_fail = false;
     paypal_provider = true;
     paypal_rc = PAY_WEBHOOK_OK;
@@ -957,7 +963,8 @@ static void test_paypal(void **state)
     assert_int_equal(apply_calls, 1);
 }
 
-/* One domain service per pool thread, used only by it, all closed by srv_http_stop. */
+/* At most http.threads domain services, each used by one connection thread at a time,
+ * all closed by srv_http_stop. */
 typedef struct burst_arg {
     int ok;
 } burst_arg;
@@ -985,11 +992,47 @@ static void test_services_per_thread(void **state)
     }
     assert_int_equal(apply_calls, 40);
     assert_true(bg_opens >= 1 && bg_opens <= cfg.http_threads);
-    assert_int_equal(bg_wrong_thread, 0);
+    assert_int_equal(bg_shared, 0);
     srv_http_stop(&srv);
     assert_null(srv.http);
     assert_int_equal(bg_closes, bg_opens);
     srv_http_stop(&srv); /* twice is harmless */
+}
+
+/* Webhooks stuck in the domain (a slow provider) hold up neither /healthz nor /metrics:
+ * every connection has its own thread. */
+static void *one_webhook(void *p)
+{
+    reply *r = p;
+    stripe("t=1,v1=good", "{}", 2, r);
+    return NULL;
+}
+
+static void test_health_answers_while_webhooks_are_stuck(void **state)
+{
+    (void)state;
+    atomic_store(&apply_sleep_ms, 1500);
+    enum { N = 6 }; /* more than http.threads: some wait for a domain service */
+    pthread_t th[N];
+    reply wr[N];
+    for (int i = 0; i < N; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, one_webhook, &wr[i]), 0);
+    usleep(200 * 1000); /* the webhooks are in */
+    for (int i = 0; i < 3; i++) {
+        reply r;
+        request("GET", "/healthz", NULL, NULL, 0, 0, &r);
+        assert_int_equal(r.status, 200);
+        request("GET", "/metrics", NULL, NULL, 0, 0, &r);
+        assert_int_equal(r.status, 200);
+        assert_true(apply_calls < N); /* answered while webhooks were still being applied */
+    }
+    for (int i = 0; i < N; i++) {
+        pthread_join(th[i], NULL);
+        assert_int_equal(wr[i].status, 200);
+    }
+    assert_int_equal(apply_calls, N);
+    assert_true(bg_opens <= cfg.http_threads);
+    assert_int_equal(bg_shared, 0);
 }
 
 static void test_service_open_failure(void **state)
@@ -1079,6 +1122,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_stripe_unconfigured, start, stop),
         cmocka_unit_test_setup_teardown(test_paypal, start, stop),
         cmocka_unit_test_setup_teardown(test_services_per_thread, start, stop),
+        cmocka_unit_test_setup_teardown(test_health_answers_while_webhooks_are_stuck, start, stop),
         cmocka_unit_test_setup_teardown(test_service_open_failure, start, stop),
         cmocka_unit_test(test_listen_failures),
     };
