@@ -259,6 +259,25 @@ def _drop_keys(host, port, prefix):
         print("could not delete the session's Redis keys (%s*): %s" % (prefix, e))
 
 
+def _drop_broker_topology(host, port, tag):
+    """Best effort: the session's queues and exchanges (e2e-<tag>.*), so that a developer's
+    broker does not collect a set of durable queues, messages and all, per run."""
+    try:
+        import pika
+        conn = pika.BlockingConnection(pika.ConnectionParameters(
+            host=host, port=port, credentials=pika.PlainCredentials("guest", "guest"),
+            socket_timeout=3, blocked_connection_timeout=5, connection_attempts=1))
+    except Exception:  # noqa: BLE001 - clean-up only
+        return
+    with contextlib.closing(conn):
+        for kind, names in (("queue", ("stock", "orders", "replies", "dead-letter")),
+                            ("exchange", ("events", "dead-letter"))):
+            for n in names:
+                with contextlib.suppress(Exception):
+                    ch = conn.channel()
+                    (ch.queue_delete if kind == "queue" else ch.exchange_delete)("e2e-%s.%s" % (tag, n))
+
+
 @pytest.fixture(scope="session")
 def orderd():
     if not (os.path.isfile(e2e.BIN) and os.access(e2e.BIN, os.X_OK)):
@@ -355,6 +374,7 @@ def orderd():
         own_redis.kill()
     else:
         _drop_keys(redis_host, redis_port, prefix)
+    _drop_broker_topology(amqp_host, int(amqp_port), tag)
     assert rc == 0, "orderd did not exit 0 within 15 s of SIGTERM (rc=%s)\n%s" % (
         rc, server.log_tail())
 
