@@ -447,6 +447,33 @@ static int judge(const json_t *order, order_ctx *ctx, const order_t *o, const ch
     return ORDER_OK;
 }
 
+/* 422 issues of POST /v2/checkout/orders/{id}/capture that refuse the payment itself
+ * (developer.paypal.com, orders.capture 422): to the caller a decline, not INTERNAL. */
+static bool capture_refused_for_good(const json_t *root)
+{
+    static const char *const refusals[] = {
+        "INSTRUMENT_DECLINED",
+        "PAYER_CANNOT_PAY",
+        "TRANSACTION_REFUSED",
+        "COMPLIANCE_VIOLATION",
+        "PAYER_ACCOUNT_LOCKED_OR_CLOSED",
+        "PAYER_ACCOUNT_RESTRICTED",
+        "MAX_NUMBER_OF_PAYMENT_ATTEMPTS_EXCEEDED",
+        "TRANSACTION_LIMIT_EXCEEDED",
+        "TRANSACTION_RECEIVING_LIMIT_EXCEEDED",
+        "TRANSACTION_BLOCKED_BY_PAYEE",
+        "PAYEE_BLOCKED_TRANSACTION",
+        "DUPLICATE_INVOICE_ID",
+        "CARD_BRAND_NOT_SUPPORTED",
+        "DOMESTIC_TRANSACTION_REQUIRED",
+        "DECLINED_DUE_TO_RELATED_TXN",
+    };
+    for (size_t i = 0; i < sizeof refusals / sizeof *refusals; i++)
+        if (issue_is(root, refusals[i]))
+            return true;
+    return false;
+}
+
 static int get_order(struct paypal *p, order_ctx *ctx, const char *ref, pay__http_resp *r,
                      json_t **root)
 {
@@ -510,11 +537,21 @@ static int pp_verify(void *self, order_ctx *ctx, const order_t *o, const char *r
         rc = pay__refuse(ctx, "PAYMENT_NOT_SUCCEEDED",
                          "PayPal order %s was not approved by the payer", reference);
         order_error_meta(ctx->err, "provider_status", "ORDER_NOT_APPROVED");
-    } else if (r.status == 422 && issue_is(root, "INSTRUMENT_DECLINED")) {
-        rc = pay__refuse(ctx, "PAYMENT_DECLINED", "paypal declined the payment of order %s",
-                         reference);
-        order_error_meta(ctx->err, "decline_code", "INSTRUMENT_DECLINED");
-        order_error_meta(ctx->err, "provider_status", "INSTRUMENT_DECLINED");
+    } else if (r.status == 422 && capture_refused_for_good(root)) {
+        /* INSTRUMENT_DECLINED and PayPal's other business refusals of a capture
+         * (PAYER_CANNOT_PAY, TRANSACTION_REFUSED, COMPLIANCE_VIOLATION, ...): no retry of
+         * this capture can succeed. */
+        const char *issue = issue_of(root);
+        rc = pay__refuse(ctx, "PAYMENT_DECLINED", "paypal declined the payment of order %s: %s",
+                         reference, issue);
+        order_error_meta(ctx->err, "decline_code", "%s", issue);
+        order_error_meta(ctx->err, "provider_status", "%s", issue);
+    } else if (r.status == 422 && (issue_is(root, "PAYER_ACTION_REQUIRED") ||
+                                   issue_is(root, "REDIRECT_PAYER_FOR_ALTERNATE_FUNDING"))) {
+        /* The payer can still fix it at PayPal (another funding source, a challenge). */
+        rc = pay__refuse(ctx, "PAYMENT_NOT_SUCCEEDED", "PayPal order %s needs the payer: %s",
+                         reference, issue_of(root));
+        order_error_meta(ctx->err, "provider_status", "%s", issue_of(root));
     } else {
         rc = fail(p, ctx, &r, root, "capture an order");
     }
@@ -577,6 +614,10 @@ static int pp_refund(void *self, order_ctx *ctx, const order_t *o,
                              o->id, status);
             order_error_meta(ctx->err, "provider_status", "%s", status);
         }
+    } else if (r.status == 422 && issue_is(root, "PENDING_CAPTURE")) {
+        rc = pay__refuse(ctx, "PAYMENT_NOT_SUCCEEDED",
+                         "the capture of order %s is pending: it cannot be refunded yet", o->id);
+        order_error_meta(ctx->err, "provider_status", "PENDING");
     } else if (r.status == 422 && issue_is(root, "CAPTURE_FULLY_REFUNDED")) {
         rc = ORDER_OK; /* the refund id is not cheap to find: left "" */
     } else if (r.status == 404) {
@@ -616,7 +657,14 @@ static int pp_cancel(void *self, order_ctx *ctx, const order_t *o)
     bool captured =
         status && strcmp(status, "COMPLETED") == 0 &&
         !(cap_status && (strcmp(cap_status, "DECLINED") == 0 || strcmp(cap_status, "FAILED") == 0));
-    if (captured) {
+    if (captured && cap_status && strcmp(cap_status, "PENDING") == 0) {
+        /* Captured but not cleared (e-check, review): PayPal refuses to refund it yet
+         * (422 PENDING_CAPTURE); settled later, like a Stripe intent that is processing. */
+        rc = pay__refuse(ctx, "PAYMENT_NOT_CANCELABLE",
+                         "the capture of PayPal order %s is pending and cannot be undone yet",
+                         o->pay_reference);
+        order_error_meta(ctx->err, "provider_status", "PENDING");
+    } else if (captured) {
         rc = pay__refuse(ctx, "PAYMENT_ALREADY_SUCCEEDED",
                          "PayPal order %s was captured: refund it instead", o->pay_reference);
         order_error_meta(ctx->err, "provider_status", "%s", cap_status ? cap_status : status);

@@ -433,6 +433,8 @@ class FakePayPal(FakeServer):
                                 "links within the Create Order call or provide a valid payment_source in the "
                                 "request.")
         status, reason = self.outcomes.get(oid, ("COMPLETED", None))
+        if status == "DECLINED" and reason and reason != "INSTRUMENT_DECLINED":
+            raise unprocessable(reason, f"The capture was refused ({reason}).")
         if status == "DECLINED":
             raise unprocessable("INSTRUMENT_DECLINED", "The instrument presented was either declined by the "
                                 "processor or bank, or it can't be used for this payment.", links=[

@@ -367,6 +367,8 @@ static void test_capture_refuses_what_is_not_this_orders_payment(void **state)
     assert_string_equal(e.reason, "PAYMENT_NOT_FOUND");
 }
 
+static int cancel(const order_t *o, order_error *e);
+
 static void test_capture_declined_or_pending(void **state)
 {
     order_t o;
@@ -390,6 +392,31 @@ static void test_capture_declined_or_pending(void **state)
     assert_int_equal(verify(&o, a.reference, &info, &e), ORDER_EPRECONDITION);
     assert_string_equal(e.reason, "PAYMENT_NOT_SUCCEEDED");
     assert_string_equal(fake_meta(&e, "provider_status"), "PENDING");
+    /* Captured but pending: neither voidable nor refundable yet (422 PENDING_CAPTURE). */
+    assert_int_equal(cancel(&o, &e), ORDER_EPRECONDITION);
+    assert_string_equal(e.reason, "PAYMENT_NOT_CANCELABLE");
+
+    /* PayPal's other business refusals of a capture are declines, not INTERNAL. */
+    const char *issues[] = {"TRANSACTION_REFUSED", "PAYER_CANNOT_PAY", "DUPLICATE_INVOICE_ID"};
+    for (size_t i = 0; i < 3; i++) {
+        create_ok(&o, "EUR", 2500, &a);
+        payer_approves(a.reference);
+        snprintf(body, sizeof body, "{\"id\":\"%s\",\"status\":\"DECLINED\",\"reason\":\"%s\"}",
+                 a.reference, issues[i]);
+        fake_post("/_fake/capture_outcome", body);
+        assert_int_equal(verify(&o, a.reference, &info, &e), ORDER_EPRECONDITION);
+        assert_string_equal(e.reason, "PAYMENT_DECLINED");
+        assert_string_equal(fake_meta(&e, "decline_code"), issues[i]);
+    }
+    create_ok(&o, "EUR", 2500, &a);
+    payer_approves(a.reference);
+    snprintf(body, sizeof body,
+             "{\"id\":\"%s\",\"status\":\"DECLINED\",\"reason\":\"REDIRECT_PAYER_FOR_ALTERNATE_"
+             "FUNDING\"}",
+             a.reference);
+    fake_post("/_fake/capture_outcome", body);
+    assert_int_equal(verify(&o, a.reference, &info, &e), ORDER_EPRECONDITION);
+    assert_string_equal(e.reason, "PAYMENT_NOT_SUCCEEDED");
 }
 
 /* ---- refund and void ---- */
