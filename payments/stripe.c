@@ -315,6 +315,8 @@ done:
     return rc;
 }
 
+static void pi_status(struct stripe *s, order_ctx *ctx, const char *ref, char *out, size_t cap);
+
 /* What a confirmed (or re-read) PaymentIntent's status means for an off-session charge. */
 static int charge_outcome(struct stripe *s, order_ctx *ctx, json_t *root, order_payment_info *paid)
 {
@@ -361,6 +363,25 @@ static int st_charge(void *self, order_ctx *ctx, const order_t *o, const order_s
     pay__http_resp r;
     json_t *root = NULL;
     int rc = call(s, ctx, "POST", path, NULL, &form, key, &r, &root);
+    if (rc == ORDER_OK && r.status >= 500) {
+        /* Stripe stores a 5xx under the key and replays it to every retry for 24 h
+         * (docs.stripe.com/idempotency): the intent as it is now says what happened. Still
+         * unconfirmed, it is confirmed once more under a key of its own; an intent succeeds
+         * at most once, so this cannot charge twice. */
+        char get_path[320], st[64];
+        pi_status(s, ctx, ref, st, sizeof st);
+        if (strcmp(st, "requires_confirmation") == 0) {
+            json_decref(root);
+            pay__http_resp_clear(&r);
+            snprintf(key, sizeof key, "orderd-charge-%s-2", o->id);
+            rc = call(s, ctx, "POST", path, NULL, &form, key, &r, &root);
+        } else if (st[0]) {
+            json_decref(root);
+            pay__http_resp_clear(&r);
+            snprintf(get_path, sizeof get_path, "/v1/payment_intents/%s", ref);
+            rc = call(s, ctx, "GET", get_path, "expand%5B%5D=latest_charge", NULL, NULL, &r, &root);
+        }
+    }
     pay__buf_free(&form);
     if (rc != ORDER_OK)
         goto done;

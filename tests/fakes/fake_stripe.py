@@ -301,6 +301,10 @@ class FakeStripe(FakeServer):
         try:
             self.pause(req)
             status, body = self._route(req)
+            if getattr(req, "fail_after", False):
+                # As Stripe documents: a 500 after the endpoint began is stored under the key
+                # and replayed to every retry for 24 h, whatever the side effects were.
+                status, body = 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
         except FakeError as e:
             if not e.store:
                 with self.lock:

@@ -34,7 +34,7 @@ ALNUM = string.ascii_letters + string.digits
 UPPER_ALNUM = string.ascii_uppercase + string.digits
 _rng = random.SystemRandom()
 
-FAIL_MODES = ("500", "429", "409", "timeout", "reset", "slow")
+FAIL_MODES = ("500", "429", "409", "timeout", "reset", "slow", "500_after")
 
 
 def rand_id(n, alphabet=ALNUM):
@@ -302,6 +302,8 @@ class FakeServer:
                 mode = "500"  # after the wait: an answer without side effect
             if mode == "slow":
                 req.delay = float(rule.get("seconds") or 1.0)
+            elif mode == "500_after":
+                req.fail_after = True  # the endpoint runs; the answer is a 500 (Stripe stores it)
             else:
                 status, body, headers = self.injected_error(mode)
                 rec["status"] = status

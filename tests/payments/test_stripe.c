@@ -416,6 +416,21 @@ static void test_saved_card_that_succeeds(void **state)
     assert_string_equal(again.charge_id, paid.charge_id);
 }
 
+/* Stripe stores a 500 that came after the endpoint began and replays it under the same key
+ * for 24 h: the outcome is read from the intent, not from the replay. */
+static void test_saved_card_confirm_answered_500_is_read_back(void **state)
+{
+    order_t o;
+    order_payment_action a;
+    order_payment_info paid;
+    order_error e;
+    fake_order(&o, "EUR", 2599);
+    fake_fail(&F, "500_after", 1, "/confirm");
+    assert_int_equal(create(&o, "pm_card_visa", &a, &paid, &e), ORDER_OK);
+    assert_string_equal(paid.provider_status, "succeeded");
+    assert_true(strncmp(paid.charge_id, "ch_", 3) == 0);
+}
+
 static void test_saved_card_declined(void **state)
 {
     order_t o;
@@ -875,6 +890,7 @@ int main(void)
         cmocka_unit_test_setup(test_saved_card_that_succeeds, setup),
         cmocka_unit_test_setup(test_saved_card_declined, setup),
         cmocka_unit_test_setup(test_saved_card_processing, setup),
+        cmocka_unit_test_setup(test_saved_card_confirm_answered_500_is_read_back, setup),
         cmocka_unit_test_setup(test_saved_card_of_a_customer, setup),
         cmocka_unit_test_setup(test_saved_card_refused_without_its_customer, setup),
         cmocka_unit_test_setup(test_verify_accepts_only_a_paid_intent_of_this_order, setup),
