@@ -212,6 +212,13 @@ static int declined(order_ctx *ctx, const char *pi_status, const json_t *err_obj
     return ORDER_EPRECONDITION;
 }
 
+/* A 5xx Stripe stored under the Idempotency-Key after the work began, replayed (as it is
+ * to every retry for 24 h: docs.stripe.com/idempotency). */
+static bool replayed_5xx(const pay__http_resp *r)
+{
+    return r->status >= 500 && r->replayed;
+}
+
 /* ---- the port ---- */
 
 /* Stripe refused the saved method itself (no such method, saved to a customer the request
@@ -283,6 +290,14 @@ static int st_create(void *self, order_ctx *ctx, const order_t *o, const order_s
     pay__http_resp r;
     json_t *root = NULL;
     int rc = call(s, ctx, "POST", "/v1/payment_intents", NULL, &form, key, &r, &root);
+    if (rc == ORDER_OK && replayed_5xx(&r)) {
+        /* The key is spent for 24 h. A second key may leave an intent made under the first
+         * orphaned, but a created intent moves no money: the order keeps the new one. */
+        json_decref(root);
+        pay__http_resp_clear(&r);
+        strncat(key, "-2", sizeof key - strlen(key) - 1);
+        rc = call(s, ctx, "POST", "/v1/payment_intents", NULL, &form, key, &r, &root);
+    }
     pay__buf_free(&form);
     if (rc != ORDER_OK)
         goto done;
@@ -528,6 +543,8 @@ static int st_cancel(void *self, order_ctx *ctx, const order_t *o)
             rc = ORDER_OK;
             break;
         }
+        if (replayed_5xx(&r) && round == 0)
+            continue; /* the key is spent for 24 h: round two goes without it */
         const char *code = pay__jstr(error_of(root), "code");
         if (r.status != 400 || !code || strcmp(code, "payment_intent_unexpected_state") != 0) {
             rc = fail(s, ctx, &r, root, "cancel a PaymentIntent");
@@ -641,6 +658,8 @@ static int st_refund(void *self, order_ctx *ctx, const order_t *o,
             rc = pay__refuse(ctx, "PAYMENT_NOT_FOUND", "stripe has no PaymentIntent %s", ref);
             break;
         }
+        if (replayed_5xx(&r) && round == 0)
+            continue; /* the key is spent for 24 h; the second key cannot refund twice */
         if (r.status != 400) {
             rc = fail(s, ctx, &r, root, "refund a PaymentIntent");
             break;

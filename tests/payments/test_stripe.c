@@ -679,6 +679,54 @@ static void test_refund_once_however_often(void **state)
     assert_int_equal(count_reqs("GET", "/v1/refunds"), 1);
 }
 
+/* Stripe stores a 500 that came after the work began under the key and replays it for 24 h
+ * (docs.stripe.com/idempotency): create, void and refund each finish under a second key,
+ * and the money still moves once. */
+static void test_replayed_500_does_not_block_for_a_day(void **state)
+{
+    order_t o;
+    order_payment_action a;
+    order_error e;
+    fake_order(&o, "EUR", 3000);
+    fake_fail(&F, "500_after", 1, "/v1/payment_intents");
+    order_payment_info paid;
+    assert_int_equal(create(&o, NULL, &a, &paid, &e), ORDER_OK);
+    assert_true(strncmp(a.reference, "pi_", 3) == 0);
+    json_t *last = last_req("POST", "/v1/payment_intents");
+    char key[80];
+    snprintf(key, sizeof key, "orderd-pi-%s-2", o.id);
+    assert_string_equal(jpath(last, "headers", "idempotency-key"), key);
+    json_decref(last);
+    snprintf(o.pay_reference, sizeof o.pay_reference, "%s", a.reference);
+    o.pay_provider = ORDER_PROVIDER_STRIPE;
+
+    order_t paid_order = o;
+    customer_pays(a.reference);
+    fake_fail(&F, "500_after", 1, "/v1/refunds");
+    char r1[ORDER_REFERENCE_MAX + 1], r2[ORDER_REFERENCE_MAX + 1];
+    assert_int_equal(refund(&paid_order, r1, &e), ORDER_OK);
+    assert_true(strncmp(r1, "re_", 3) == 0); /* the first key's refund, found by listing */
+    assert_int_equal(refund(&paid_order, r2, &e), ORDER_OK);
+    assert_string_equal(r1, r2);
+    char path[320];
+    snprintf(path, sizeof path, "/_fake/objects/%s", a.reference);
+    json_t *pi = fake_call(&F, "GET", path, NULL, NULL);
+    snprintf(path, sizeof path, "/_fake/objects/%s", jpath(pi, "latest_charge", NULL));
+    json_t *ch = fake_call(&F, "GET", path, NULL, NULL);
+    assert_int_equal(json_integer_value(json_object_get(ch, "amount_refunded")), 3000);
+    json_decref(ch);
+    json_decref(pi);
+
+    order_t unpaid;
+    create_ok(&unpaid, "EUR", 1000, &a);
+    fake_fail(&F, "500_after", 1, "/cancel");
+    assert_int_equal(cancel(&unpaid, &e), ORDER_OK);
+    snprintf(path, sizeof path, "/_fake/objects/%s", a.reference);
+    pi = fake_call(&F, "GET", path, NULL, NULL);
+    assert_string_equal(jpath(pi, "status", NULL), "canceled");
+    json_decref(pi);
+}
+
 /* Refused while unpaid, then paid: Stripe keeps the refusal under the refund key, yet the
  * refund goes through once the payment has succeeded, and still only once. */
 static void test_refund_after_an_early_refusal(void **state)
@@ -891,6 +939,7 @@ int main(void)
         cmocka_unit_test_setup(test_saved_card_declined, setup),
         cmocka_unit_test_setup(test_saved_card_processing, setup),
         cmocka_unit_test_setup(test_saved_card_confirm_answered_500_is_read_back, setup),
+        cmocka_unit_test_setup(test_replayed_500_does_not_block_for_a_day, setup),
         cmocka_unit_test_setup(test_saved_card_of_a_customer, setup),
         cmocka_unit_test_setup(test_saved_card_refused_without_its_customer, setup),
         cmocka_unit_test_setup(test_verify_accepts_only_a_paid_intent_of_this_order, setup),
