@@ -630,6 +630,19 @@ static void test_cancel(void **state)
 
 /* ---- refund ---- */
 
+/* The intent's charge was refunded exactly `amount` at the fake: once, in full. */
+static void assert_refunded_at_stripe(const char *pi_id, int64_t amount)
+{
+    char path[320];
+    snprintf(path, sizeof path, "/_fake/objects/%s", pi_id);
+    json_t *pi = fake_call(&F, "GET", path, NULL, NULL);
+    snprintf(path, sizeof path, "/_fake/objects/%s", jpath(pi, "latest_charge", NULL));
+    json_t *ch = fake_call(&F, "GET", path, NULL, NULL);
+    assert_int_equal(json_integer_value(json_object_get(ch, "amount_refunded")), amount);
+    json_decref(ch);
+    json_decref(pi);
+}
+
 static int refund(const order_t *o, char id[ORDER_REFERENCE_MAX + 1], order_error *e)
 {
     order_ctx ctx = fake_ctx(e, 0);
@@ -659,14 +672,7 @@ static void test_refund_once_however_often(void **state)
     json_decref(reqs);
 
     /* One refund at Stripe: the charge was refunded once, for its amount. */
-    char path[320];
-    snprintf(path, sizeof path, "/_fake/objects/%s", a.reference);
-    json_t *pi = fake_call(&F, "GET", path, NULL, NULL);
-    snprintf(path, sizeof path, "/_fake/objects/%s", jpath(pi, "latest_charge", NULL));
-    json_t *ch = fake_call(&F, "GET", path, NULL, NULL);
-    assert_int_equal(json_integer_value(json_object_get(ch, "amount_refunded")), 3000);
-    json_decref(ch);
-    json_decref(pi);
+    assert_refunded_at_stripe(a.reference, 3000);
 
     /* Refunded by someone else's key (dashboard): charge_already_refunded is success. */
     order_t twin = o;
@@ -708,21 +714,15 @@ static void test_replayed_500_does_not_block_for_a_day(void **state)
     assert_true(strncmp(r1, "re_", 3) == 0); /* the first key's refund, found by listing */
     assert_int_equal(refund(&paid_order, r2, &e), ORDER_OK);
     assert_string_equal(r1, r2);
-    char path[320];
-    snprintf(path, sizeof path, "/_fake/objects/%s", a.reference);
-    json_t *pi = fake_call(&F, "GET", path, NULL, NULL);
-    snprintf(path, sizeof path, "/_fake/objects/%s", jpath(pi, "latest_charge", NULL));
-    json_t *ch = fake_call(&F, "GET", path, NULL, NULL);
-    assert_int_equal(json_integer_value(json_object_get(ch, "amount_refunded")), 3000);
-    json_decref(ch);
-    json_decref(pi);
+    assert_refunded_at_stripe(a.reference, 3000);
 
     order_t unpaid;
     create_ok(&unpaid, "EUR", 1000, &a);
     fake_fail(&F, "500_after", 1, "/cancel");
     assert_int_equal(cancel(&unpaid, &e), ORDER_OK);
+    char path[320];
     snprintf(path, sizeof path, "/_fake/objects/%s", a.reference);
-    pi = fake_call(&F, "GET", path, NULL, NULL);
+    json_t *pi = fake_call(&F, "GET", path, NULL, NULL);
     assert_string_equal(jpath(pi, "status", NULL), "canceled");
     json_decref(pi);
 }
@@ -745,14 +745,7 @@ static void test_refund_after_an_early_refusal(void **state)
     assert_true(strncmp(r1, "re_", 3) == 0);
     assert_int_equal(refund(&o, r2, &e), ORDER_OK);
     assert_string_equal(r1, r2);
-    char path[320];
-    snprintf(path, sizeof path, "/_fake/objects/%s", a.reference);
-    json_t *pi = fake_call(&F, "GET", path, NULL, NULL);
-    snprintf(path, sizeof path, "/_fake/objects/%s", jpath(pi, "latest_charge", NULL));
-    json_t *ch = fake_call(&F, "GET", path, NULL, NULL);
-    assert_int_equal(json_integer_value(json_object_get(ch, "amount_refunded")), 3000);
-    json_decref(ch);
-    json_decref(pi);
+    assert_refunded_at_stripe(a.reference, 3000);
 }
 
 /* ---- webhooks ---- */
